@@ -1,0 +1,82 @@
+"""The gatelab command line: ``gatelab list | compare | train | inspect | cache | bench``.
+
+Each sub-command is a small function taking parsed arguments; sub-commands register themselves in
+``COMMANDS`` with the parser-builder next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def wrap(fn):
+        COMMANDS[name] = (add_arguments, fn)
+        return fn
+
+    return wrap
+
+
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", default=None, help="only this family (softmax, linear, sparse, gate)")
+
+
+@command("list", _list_arguments)
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the registry as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gatelab.registry import list_mechanisms
+
+    table = Table(title="gatelab mechanisms")
+    for column in ("key", "family", "causal", "bidir.", "backends", "status", "paper"):
+        table.add_column(column)
+    for spec in list_mechanisms(family=args.family):
+        table.add_row(
+            spec.key,
+            spec.family,
+            "yes" if spec.causal else "-",
+            "yes" if spec.bidirectional else "-",
+            ", ".join(spec.backends),
+            spec.status,
+            spec.paper,
+        )
+    Console().print(table)
+    return 0
+
+
+def _load_commands() -> None:
+    """Import the modules that add sub-commands (kept out of import time of the package itself)."""
+    import importlib
+
+    for module in ("gatelab.lab_cli",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_commands()
+    parser = argparse.ArgumentParser(prog="gatelab", description="gated and efficient attention: mechanisms and lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        add_arguments(p)
+        p.set_defaults(_run=fn)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"gatelab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

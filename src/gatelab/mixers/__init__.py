@@ -1,0 +1,6 @@
+"""Sequence mixers: one file per mechanism, each registering itself under its key."""
+
+from ._attention import AttentionConfig, AttentionMixer, KVCache
+from ._base import Mixer, MixerConfig
+
+__all__ = ["Mixer", "MixerConfig", "AttentionMixer", "AttentionConfig", "KVCache"]

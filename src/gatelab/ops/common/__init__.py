@@ -1,0 +1,1 @@
+"""Pieces that several ops share: validation, backend choice, RoPE, masks, chunk utilities."""
