@@ -2,5 +2,6 @@
 
 from ._attention import AttentionConfig, AttentionMixer, KVCache
 from ._base import Mixer, MixerConfig
+from ._linear import RecurrentState
 
-__all__ = ["Mixer", "MixerConfig", "AttentionMixer", "AttentionConfig", "KVCache"]
+__all__ = ["Mixer", "MixerConfig", "AttentionMixer", "AttentionConfig", "KVCache", "RecurrentState"]
