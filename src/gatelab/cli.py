@@ -1,7 +1,8 @@
 """The gatelab command line: ``gatelab list | compare | train | inspect | cache | bench``.
 
-Each sub-command is a small function taking parsed arguments; sub-commands register themselves in
-``COMMANDS`` with the parser-builder next to them.
+Each sub-command is a small function taking parsed arguments, registered in ``COMMANDS`` with the
+function that adds its arguments. ``list`` lives here; the others live in ``gatelab/commands/<name>.py``
+and are picked up automatically.
 """
 
 from __future__ import annotations
@@ -53,13 +54,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _load_commands() -> None:
     """Import the modules that add sub-commands (kept out of import time of the package itself)."""
     import importlib
+    import pkgutil
 
-    for module in ("gatelab.lab_cli",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
+    import gatelab.commands
+
+    for info in pkgutil.iter_modules(gatelab.commands.__path__):
+        importlib.import_module(f"gatelab.commands.{info.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
