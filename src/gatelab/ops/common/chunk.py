@@ -1,0 +1,106 @@
+"""Chunk utilities for chunkwise-parallel linear attention: cut (B, T, H, D) into chunks, stable decay
+products inside a chunk, and the sequential scan of chunk states.
+
+Numerical rule: decays live in log space and every factor we exponentiate is a difference b_i - b_j with
+i at or after j, so it is <= 0 and exp() never overflows. Cumulative log decays are always taken *within*
+a chunk (Gated Linear Attention Transformers with Hardware-Efficient Training (Yang et al., 2023), sec. 4),
+never across the whole sequence, so they stay small enough for fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_time(x: torch.Tensor, chunk_size: int, value: float = 0.0) -> torch.Tensor:
+    """Pad dim 1 (time) of x (B, T, ...) at the end up to a multiple of ``chunk_size``.
+
+    Padding with zeros is neutral for linear attention: a zero key/value adds nothing to the state and a
+    zero log decay (decay 1) leaves it unchanged, so outputs and the final state are exact.
+    """
+    T = x.shape[1]
+    pad = (-T) % chunk_size
+    if pad == 0:
+        return x
+    widths = [0, 0] * (x.ndim - 2) + [0, pad]  # F.pad counts from the last dim
+    return F.pad(x, widths, value=value)
+
+
+def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """(B, T, H, D) -> (B, H, N, C, D) with N = ceil(T / C), zero-padded; (B, T, H) -> (B, H, N, C).
+
+    Cast to ``dtype`` (fp32 by default: chunk sums and decays are accumulated in fp32).
+    """
+    x = pad_time(x if dtype is None else x.to(dtype), chunk_size)
+    B, Tp, H = x.shape[:3]
+    x = x.view(B, Tp // chunk_size, chunk_size, H, *x.shape[3:])  # (B, N, C, H, ...)
+    return x.movedim(3, 1)  # (B, H, N, C, ...)
+
+
+def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, H, N, C, D) -> (B, T, H, D), dropping the padding."""
+    B, H, N, C = x.shape[:4]
+    x = x.movedim(1, 3).reshape(B, N * C, H, *x.shape[4:])  # (B, N*C, H, D)
+    return x[:, :T]
+
+
+def chunk_cumsum(g: torch.Tensor, dim: int = 3) -> torch.Tensor:
+    """Inclusive cumulative sum of log decays within each chunk (along the C dim, ``dim`` of
+    (B, H, N, C[, K])), in fp32: b_t = g_1 + ... + g_t of that chunk, so b is non-increasing and <= 0."""
+    return g.float().cumsum(dim)
+
+
+def causal_decay_matrix(b: torch.Tensor) -> torch.Tensor:
+    """Scalar decays: (..., C) within-chunk cumulative log decay -> (..., C, C) with
+    entry [i, j] = exp(b_i - b_j) for j <= i and 0 above the diagonal.
+
+    The mask goes on *before* exp: above the diagonal b_i - b_j > 0 could overflow (and 0 * inf = NaN).
+    """
+    C = b.shape[-1]
+    diff = b[..., :, None] - b[..., None, :]  # (..., C, C)
+    causal = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()
+    return torch.exp(diff.masked_fill(~causal, float("-inf")))
+
+
+def pairwise_decay(b: torch.Tensor) -> torch.Tensor:
+    """Vector decays: (..., c, K) cumulative log decay -> (..., c, c, K), [i, j, k] = exp(b_ik - b_jk) for
+    j <= i and 0 above the diagonal; masked before exp as :func:`causal_decay_matrix`.
+
+    Memory is c * c * K per block of c tokens, so call it on short sub-chunks (c = 8 or 16)."""
+    c = b.shape[-2]
+    diff = b[..., :, None, :] - b[..., None, :, :]  # (..., c, c, K)
+    causal = torch.ones(c, c, dtype=torch.bool, device=b.device).tril()[:, :, None]
+    return torch.exp(diff.masked_fill(~causal, float("-inf")))
+
+
+def scan_states(
+    increments: torch.Tensor,
+    decays: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The only sequential part of a chunked linear attention: S_{n+1} = decay_n * S_n + U_n.
+
+    increments: U (B, H, N, K, V), what chunk n adds to the state (already decayed to the chunk's end).
+    decays: (B, H, N, K, 1) key-wise or (B, H, N, 1, 1) scalar decays over a whole chunk (not logs), <= 1.
+    initial_state: (B, H, K, V) or None (zeros).
+    Returns the states *entering* each chunk (B, H, N, K, V) and the final state (B, H, K, V), fp32.
+    """
+    B, H, N, K, V = increments.shape
+    state = increments.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    before = []
+    for n in range(N):
+        before.append(state)
+        state = decays[:, :, n] * state + increments[:, :, n]
+    return torch.stack(before, dim=2), state
+
+
+__all__ = [
+    "pad_time",
+    "to_chunks",
+    "from_chunks",
+    "chunk_cumsum",
+    "causal_decay_matrix",
+    "pairwise_decay",
+    "scan_states",
+]
