@@ -11,7 +11,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+COMMANDS: dict[
+    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {}
 
 
 def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
@@ -64,7 +66,9 @@ def _load_commands() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _load_commands()
-    parser = argparse.ArgumentParser(prog="gatelab", description="gated and efficient attention: mechanisms and lab")
+    parser = argparse.ArgumentParser(
+        prog="gatelab", description="gated and efficient attention: mechanisms and lab"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])

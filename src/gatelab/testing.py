@@ -28,7 +28,9 @@ def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(num / den)
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+def assert_close(
+    name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None
+) -> None:
     """Assert shapes match, there is no NaN/inf, and the relative RMS error is within TOLERANCE[dtype]."""
     dtype = dtype or actual.dtype
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -47,8 +49,10 @@ def compare_grads(tensors: dict[str, torch.Tensor], run_a, run_b, dtype: torch.d
     """
 
     def run(fn, cast):
-        inputs = {k: (v.detach().to(cast).requires_grad_(v.requires_grad) if v is not None else None)
-                  for k, v in tensors.items()}
+        inputs = {
+            k: (v.detach().to(cast).requires_grad_(v.requires_grad) if v is not None else None)
+            for k, v in tensors.items()
+        }
         outs = fn(inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
         gen = torch.Generator().manual_seed(seed)

@@ -90,6 +90,10 @@ class AttentionMixer(Mixer):
         B, T, _ = q_out.shape
         return q_out.view(B, T, self.config.n_heads, self.config.dim), None
 
+    def prepare_kv(self, k, v, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """New keys/values (B, T, Hkv, D) before they enter the cache (e.g. a gate on the values)."""
+        return k, v
+
     def attend(self, q, k, v, x, extra, want_internals: bool) -> tuple[torch.Tensor, dict]:
         """q (B, T, H, D), k/v (B, S, Hkv, D) -> o (B, T, H, D), internals. Default: plain softmax."""
         from gatelab.ops import softmax
@@ -120,6 +124,7 @@ class AttentionMixer(Mixer):
         if c.rope:
             positions = torch.arange(start, start + T, device=x.device)
             q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        k, v = self.prepare_kv(k, v, x)
         cache = self.new_cache(k, v, state)
         o, internals = self.attend(q, cache.k, cache.v, x, extra, return_internals)
         y = self.o_proj(o.reshape(B, T, -1))

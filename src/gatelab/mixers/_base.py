@@ -48,7 +48,9 @@ def check_positive(name: str, value, allow_none: bool = False) -> None:
 def check_probability(name: str, value: float, low_open: bool = True, high_open: bool = True) -> None:
     ok = (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
     if not isinstance(value, int | float) or not ok:
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value!r}")
+        raise ValueError(
+            f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value!r}"
+        )
 
 
 class Mixer(nn.Module):
@@ -59,14 +61,18 @@ class Mixer(nn.Module):
     def __init__(self, config: MixerConfig):
         super().__init__()
         if not isinstance(config, self.config_cls):
-            raise TypeError(f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}"
+            )
         self.config = config
 
     def forward(self, x: torch.Tensor, state=None, *, return_internals: bool = False):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(f"x must have shape (B, T, {self.config.d_model}) (B, T, d_model), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, T, {self.config.d_model}) (B, T, d_model), got {tuple(x.shape)}"
+            )
         if not x.dtype.is_floating_point:
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.shape[1] == 0:

@@ -43,7 +43,11 @@ def resolve_backend(
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
+        import os
+
         for name in auto_order:
+            if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+                continue  # "auto" never picks interpreted kernels: they are for tests, and slow
             ok = available[name]
             if ok() if callable(ok) else ok:
                 return name

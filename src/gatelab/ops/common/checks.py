@@ -25,12 +25,18 @@ def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) 
         if x is None:
             continue
         if x.device != ref.device:
-            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; move them to one device")
+            raise ValueError(
+                f"{name} is on {x.device} but {ref_name} is on {ref.device}; move them to one device"
+            )
         if x.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; cast them to one dtype")
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; cast them to one dtype"
+            )
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_length: bool = False) -> tuple[int, int]:
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_length: bool = False
+) -> tuple[int, int]:
     """Validate (B, T, H, D) q and (B, S, Hkv, D) k, (B, S, Hkv, V) v. Returns (H, Hkv)."""
     layout = "(B, T, H, D)"
     check_tensor("q", q, 4, layout)
