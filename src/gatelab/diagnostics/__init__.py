@@ -1,1 +1,27 @@
-"""diagnostics"""
+"""Diagnostics of a trained LM: attention sinks, massive activations, kurtosis, W8A8 loss gap, gate
+statistics, attention entropy (Gated Attention for Large Language Models, Qiu et al., 2025; Quantizable
+Transformers, Bondarenko et al., 2023)."""
+
+from .activations import kurtosis, massive_activation_stats, sequence_outlier_stats, token_kurtosis
+from .collect import diagnose, summarize
+from .gates import gate_statistics
+from .quant import fake_quantize_int8, lm_loss, w8a8, w8a8_loss
+from .sinks import attention_entropy, first_token_share, uniform_entropy, uniform_first_token_share
+
+__all__ = [
+    "attention_entropy",
+    "diagnose",
+    "fake_quantize_int8",
+    "first_token_share",
+    "gate_statistics",
+    "kurtosis",
+    "lm_loss",
+    "massive_activation_stats",
+    "sequence_outlier_stats",
+    "summarize",
+    "token_kurtosis",
+    "uniform_entropy",
+    "uniform_first_token_share",
+    "w8a8",
+    "w8a8_loss",
+]

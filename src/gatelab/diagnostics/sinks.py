@@ -1,0 +1,67 @@
+"""Attention sinks and attention entropy, per layer and head (Efficient Streaming Language Models with
+Attention Sinks, Xiao et al., 2023; Gated Attention for Large Language Models, Qiu et al., 2025)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_attn(attn: torch.Tensor) -> None:
+    if not isinstance(attn, torch.Tensor) or attn.ndim != 4:
+        shape = tuple(attn.shape) if isinstance(attn, torch.Tensor) else type(attn).__name__
+        raise ValueError(f"attn must be attention probabilities of shape (B, H, T, S), got {shape}")
+    if attn.shape[-1] < attn.shape[-2]:
+        raise ValueError(
+            f"attn must have at least as many keys S as queries T, got T={attn.shape[-2]}, S={attn.shape[-1]}"
+        )
+
+
+def first_token_share(attn: torch.Tensor) -> torch.Tensor:
+    """Share of attention that goes to the first key (the attention sink), per head.
+
+    Args:
+        attn: (B, H, T, S) attention probabilities, each row summing to 1 (S >= T; keys bottom-right
+            aligned, so with S == T query t sees keys 0..t).
+    Returns:
+        (H,) fp32: attn[b, h, t, 0] averaged over the batch and every query position t (t = 0 included,
+        where the share is 1 for any causal mechanism; :func:`uniform_first_token_share` counts it too).
+    """
+    _check_attn(attn)
+    return attn[..., 0].float().mean(dim=(0, 2))
+
+
+def uniform_first_token_share(T: int, S: int | None = None) -> float:
+    """The first-token share a head that spreads attention uniformly over the visible keys would have.
+
+    Query t (0-based) sees S - T + t + 1 keys, so uniform attention gives it 1 / (S - T + t + 1);
+    this returns the mean over t = 0..T-1 (the baseline :func:`first_token_share` is compared with).
+    """
+    S = T if S is None else S
+    if T < 1 or S < T:
+        raise ValueError(f"need 1 <= T <= S, got T={T}, S={S}")
+    return sum(1.0 / (S - T + t + 1) for t in range(T)) / T
+
+
+def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of each query's attention distribution, per head.
+
+    Args:
+        attn: (B, H, T, S) attention probabilities.
+    Returns:
+        (H,) fp32: -sum_s p log p (with 0 log 0 = 0), averaged over the batch and the query positions.
+        A head that looks at one key has entropy 0; see :func:`uniform_entropy` for the other end.
+    """
+    _check_attn(attn)
+    p = attn.float()
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
+    return (-plogp.sum(dim=-1)).mean(dim=(0, 2))
+
+
+def uniform_entropy(T: int, S: int | None = None) -> float:
+    """Mean entropy of uniform causal attention: the mean over t of log(number of visible keys)."""
+    S = T if S is None else S
+    if T < 1 or S < T:
+        raise ValueError(f"need 1 <= T <= S, got T={T}, S={S}")
+    return sum(math.log(S - T + t + 1) for t in range(T)) / T

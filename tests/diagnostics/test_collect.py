@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from gatelab.diagnostics import diagnose, uniform_entropy, uniform_first_token_share
+
+
+def test_diagnose_on_layers_with_known_internals(tiny_lm, batches):
+    result = diagnose(tiny_lm, batches)
+    T = batches[0][0].shape[1]
+    assert result["layers"] == ["sink", "uniform", "none"]
+    assert result["n_sequences"] == 6
+    # layer 0 sends everything to the first token, layer 1 is uniform, layer 2 has no attention matrix
+    assert result["sink_share"][0] == pytest.approx([1.0, 1.0])
+    assert result["sink_share"][1] == pytest.approx([uniform_first_token_share(T)] * 2)
+    assert result["sink_share"][2] is None
+    assert result["sink_share_uniform"] == pytest.approx(uniform_first_token_share(T))
+    assert result["attn_entropy_layer"][0] == pytest.approx(0.0, abs=1e-6)
+    assert result["attn_entropy_layer"][1] == pytest.approx(uniform_entropy(T), rel=1e-5)
+    assert result["attn_entropy_layer"][2] is None
+    # gates: only layer 1 has them; half at 0.05, half at 0.5
+    assert result["gate_mean"] == [None, pytest.approx(0.275), None]
+    assert result["gate_frac_below"] == [None, pytest.approx(0.5), None]
+    # activations: one entry per hidden state h_0..h_3, one per block for the block measures
+    assert len(result["max_activation"]) == 4 and len(result["block_inf_norm"]) == 3
+    with torch.no_grad():
+        _, _, internals = tiny_lm(torch.cat([b[0] for b in batches]), return_internals=True)
+    for i, h in enumerate(internals["hidden"]):
+        assert result["max_activation"][i] == pytest.approx(float(h.abs().max()), rel=1e-6)
+    for i, out in enumerate(internals["block_out"]):
+        expected = out.abs().amax(dim=(1, 2)).mean()
+        assert result["block_inf_norm"][i] == pytest.approx(float(expected), rel=1e-5)
+    summary = result["summary"]
+    assert summary["sink_share"] == pytest.approx(1.0)
+    assert summary["max_inf_norm"] == pytest.approx(max(result["block_inf_norm"]))
+    assert summary["gate_mean"] == pytest.approx(0.275)
+    assert summary["w8a8_gap"] == pytest.approx(result["loss_w8a8"] - result["loss_fp32"])
+
+
+def test_diagnose_without_attention_reports_none(tiny_lm_class, batches):
+    result = diagnose(tiny_lm_class(kinds=("none", "none")), batches, quantization=False)
+    assert result["sink_share"] == [None, None]
+    assert result["summary"]["sink_share"] is None and result["summary"]["gate_mean"] is None
+    assert "loss_w8a8" not in result
+
+
+def test_diagnose_restores_training_mode(tiny_lm, batches):
+    tiny_lm.train()
+    diagnose(tiny_lm, batches, quantization=False)
+    assert tiny_lm.training
+    with pytest.raises(ValueError, match="at least one batch"):
+        diagnose(tiny_lm, [])

@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+
+from gatelab.diagnostics import (
+    attention_entropy,
+    first_token_share,
+    uniform_entropy,
+    uniform_first_token_share,
+)
+
+
+def causal_uniform(B, H, T):
+    mask = torch.tril(torch.ones(T, T))
+    return (mask / mask.sum(-1, keepdim=True)).expand(B, H, T, T).clone()
+
+
+def test_all_attention_on_first_token_gives_share_one():
+    attn = torch.zeros(2, 3, 7, 7)
+    attn[..., 0] = 1.0
+    torch.testing.assert_close(first_token_share(attn), torch.ones(3))
+    torch.testing.assert_close(attention_entropy(attn), torch.zeros(3))
+
+
+def test_uniform_attention_matches_the_uniform_baseline():
+    T = 9
+    attn = causal_uniform(2, 4, T)
+    expected = sum(1 / (t + 1) for t in range(T)) / T
+    assert uniform_first_token_share(T) == pytest.approx(expected)
+    torch.testing.assert_close(first_token_share(attn), torch.full((4,), expected))
+    expected_entropy = sum(math.log(t + 1) for t in range(T)) / T
+    assert uniform_entropy(T) == pytest.approx(expected_entropy)
+    torch.testing.assert_close(attention_entropy(attn), torch.full((4,), expected_entropy))
+
+
+def test_share_is_per_head_and_averaged_over_queries():
+    T = 4
+    attn = causal_uniform(1, 2, T)
+    attn[0, 1] = 0.0
+    attn[0, 1, :, 0] = 1.0  # head 1: a perfect sink; head 0: uniform
+    share = first_token_share(attn)
+    assert share[0] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    assert share[1] == pytest.approx(1.0)
+
+
+def test_cached_keys_shift_the_baseline():
+    # 2 queries that see 3 and 4 keys (a prefix of 2 was cached): uniform share (1/3 + 1/4) / 2
+    assert uniform_first_token_share(2, 4) == pytest.approx((1 / 3 + 1 / 4) / 2)
+    assert uniform_entropy(2, 4) == pytest.approx((math.log(3) + math.log(4)) / 2)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 3, 4), torch.zeros(1, 1, 5, 4)])
+def test_bad_attention_shapes_raise(bad):
+    with pytest.raises(ValueError, match="attn"):
+        first_token_share(bad)
+    with pytest.raises(ValueError, match="attn"):
+        attention_entropy(bad)
