@@ -1,0 +1,268 @@
+"""One decoder LM for any layer pattern: token embedding, pre-norm blocks (RMSNorm) with a mixer per
+layer and a SwiGLU MLP, tied output head (Language Models are Unsupervised Multitask Learners,
+Radford et al., 2019, for the init; GLU Variants Improve Transformer, Shazeer, 2020, for the MLP)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gatelab.registry import get, make_mixer
+
+INIT_STD = 0.02
+
+
+def parse_pattern(pattern: str, n_layers: int) -> list[str]:
+    """Mixer key per layer from a pattern, repeated to the depth.
+
+    ``"softmax*4"`` -> 4 x softmax; ``"gated_deltanet*3,gated_softmax"`` with n_layers=8 -> the 4-layer
+    unit twice. The depth must be a multiple of the unit's length; every key must be registered.
+    """
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"pattern must be a non-empty string like 'softmax*4', got {pattern!r}")
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    unit: list[str] = []
+    for part in pattern.replace(" ", "").split(","):
+        key, _, count = part.partition("*")
+        if not key:
+            raise ValueError(f"pattern {pattern!r} has an empty entry; write e.g. 'softmax*3,gated_softmax'")
+        if count and (not count.isdigit() or int(count) < 1):
+            raise ValueError(
+                f"pattern {pattern!r}: repeat count after '*' must be a positive int, got {count!r}"
+            )
+        spec = get(key)  # raises, listing the known keys, if unknown
+        if not spec.causal:
+            raise ValueError(
+                f"pattern {pattern!r}: mechanism {key!r} is not causal and cannot be used in a decoder"
+            )
+        unit += [key] * (int(count) if count else 1)
+    if n_layers % len(unit):
+        raise ValueError(
+            f"pattern {pattern!r} has {len(unit)} layers per repeat; n_layers ({n_layers}) must be a multiple of it"
+        )
+    return unit * (n_layers // len(unit))
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    pattern: str = "softmax"
+    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * d_model (rounded up to 8): same params as GELU
+    mixer_options: dict = field(default_factory=dict)  # key (or "*") -> extra make_mixer options
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    seed: int | None = None  # if set, the init is reproducible regardless of the global RNG
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if not isinstance(self.mlp_ratio, int | float) or self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if not isinstance(self.mixer_options, dict) or not all(
+            isinstance(v, dict) for v in self.mixer_options.values()
+        ):
+            raise TypeError(
+                f"mixer_options must map a mechanism key or '*' to a dict, got {self.mixer_options!r}"
+            )
+        self.layer_keys()  # validates the pattern against the depth and the registry
+        for key in set(self.mixer_options) - {"*"}:
+            get(key)  # a typo in a key is an error; keys absent from this pattern are simply unused
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+
+    def layer_keys(self) -> list[str]:
+        return parse_pattern(self.pattern, self.n_layers)
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(2 * self.mlp_ratio * self.d_model / 3)
+        return max(8, -(-hidden // 8) * 8)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, key: str, config: LMConfig):
+        super().__init__()
+        options = {**config.mixer_options.get("*", {}), **config.mixer_options.get(key, {})}
+        self.key = key
+        self.mixer_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.mixer = make_mixer(key, d_model=config.d_model, n_heads=config.n_heads, **options)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+
+    def forward(self, x, state, return_internals: bool):
+        out = self.mixer(self.mixer_norm(x), state, return_internals=return_internals)
+        mixed, state = out[0], out[1]
+        h = x + mixed
+        mlp_out = self.mlp(self.mlp_norm(h))
+        internals = out[2] if return_internals else None
+        return h + mlp_out, state, mixed + mlp_out, internals
+
+
+class LM(nn.Module):
+    """Decoder LM. ``forward(idx (B, T) long) -> (logits (B, T, vocab), states)``."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        if not isinstance(config, LMConfig):
+            raise TypeError(f"LM takes an LMConfig, got {type(config).__name__}")
+        self.config = config
+        self.layer_keys = config.layer_keys()
+        with torch.random.fork_rng(enabled=config.seed is not None, devices=[]):
+            if config.seed is not None:
+                torch.manual_seed(config.seed)
+            self.embed = nn.Embedding(config.vocab_size, config.d_model)
+            self.blocks = nn.ModuleList(Block(key, config) for key in self.layer_keys)
+            self.norm = nn.RMSNorm(config.d_model, eps=1e-6)
+            self.head = (
+                None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+            )
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02); projections into the residual stream scaled by 1/sqrt(2 n_layers).
+        Mixers with a ``reset_parameters(std, n_layers)`` use it; others keep their own init."""
+        L = self.config.n_layers
+        nn.init.normal_(self.embed.weight, std=INIT_STD)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=INIT_STD)
+        for block in self.blocks:
+            nn.init.normal_(block.mlp.gate_up.weight, std=INIT_STD)
+            nn.init.normal_(block.mlp.down.weight, std=INIT_STD / math.sqrt(2 * L))
+            if hasattr(block.mixer, "reset_parameters"):
+                block.mixer.reset_parameters(std=INIT_STD, n_layers=L)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    def forward(self, idx: torch.Tensor, states: list | None = None, *, return_internals: bool = False):
+        """idx (B, T) long token ids -> logits (B, T, vocab) fp32-or-autocast dtype, states (one per layer).
+
+        ``states`` continues a sequence (decoding). With ``return_internals=True`` a third value:
+        {"hidden": [h_0 .. h_L] (B, T, d_model) residual stream after the embedding and each block,
+         "block_out": per block its contribution to the stream (mixer + MLP) (B, T, d_model),
+         "mixers": per layer the mixer's internals dict}.
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.ndim != 2:
+            got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be a (B, T) long tensor, got {got}")
+        if idx.shape[1] == 0 or idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"idx length must be in [1, max_seq_len={self.config.max_seq_len}], got {idx.shape[1]}"
+            )
+        if states is None:
+            states = [None] * len(self.blocks)
+        elif not isinstance(states, list | tuple) or len(states) != len(self.blocks):
+            raise ValueError(f"states must be the list of {len(self.blocks)} states forward returned")
+        x = self.embed(idx)  # (B, T, d_model)
+        hidden, block_out, mixers, new_states = [x], [], [], []
+        for block, state in zip(self.blocks, states):
+            x, state, out, internals = block(x, state, return_internals)
+            new_states.append(state)
+            if return_internals:
+                hidden.append(x)
+                block_out.append(out)
+                mixers.append(internals)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        logits = F.linear(self.norm(x), weight)  # (B, T, vocab)
+        if return_internals:
+            return logits, new_states, {"hidden": hidden, "block_out": block_out, "mixers": mixers}
+        return logits, new_states
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) -> (B, T + max_new_tokens). Prefills once, then feeds one token at a time with the
+        mixers' states (no recomputation of the prefix). temperature 0 = greedy."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                f"({self.config.max_seq_len})"
+            )
+        if max_new_tokens == 0:
+            return idx
+        logits, states = self(idx)
+        out = [idx]
+        for i in range(max_new_tokens):
+            last = logits[:, -1].float()  # (B, vocab)
+            if temperature == 0:
+                token = last.argmax(dim=-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k is not None:
+                    kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                token = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)
+            out.append(token)
+            if i + 1 < max_new_tokens:
+                logits, states = self(token, states)
+        return torch.cat(out, dim=1)
+
+    def save(self, path_dir: str | Path) -> None:
+        """Write ``model.safetensors`` and ``config.json`` into ``path_dir`` (each atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = path / "model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path / "model.safetensors")
+        tmp = path / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        tmp.replace(path / "config.json")
+
+    @classmethod
+    def load(cls, path_dir: str | Path, device: str | torch.device = "cpu") -> LM:
+        from safetensors.torch import load_file
+
+        path = Path(path_dir)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: LM.load needs a folder written by LM.save")
+        model = cls(LMConfig(**json.loads((path / "config.json").read_text())))
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+        return model.to(device)
