@@ -1,0 +1,58 @@
+"""Which keys each query sees in Generalized Neighborhood Attention (Hassani et al., 2025), one
+dimension at a time; the mask of a 1D/2D/3D map is the AND of its per-dimension masks.
+
+Per dimension (length L, kernel k, stride s, dilation d), as NATTEN defines it:
+- dilation splits the axis into d interleaved groups (coordinate mod d); a query sees keys of its own group
+  only, and inside a group of length L_g = ceil((L - g) / d) works on the group coordinate x // d;
+- stride groups the (group) coordinates into runs of s queries that share one window, the window of their
+  leader: the centre query of the run (the right one of the two centres when s is even) or, when causal,
+  the last query of the run; leaders past the end are clamped to L_g - 1;
+- non-causal: the window is k consecutive keys, k // 2 left of the leader and k - 1 - k // 2 right of it
+  (even k: one more on the left), shifted inward at the borders so that every query sees exactly k keys;
+- causal: keys in (leader - k, x], so a query never sees a later key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def visible_1d(
+    x: torch.Tensor, y: torch.Tensor, L: int, k: int, s: int, d: int, causal: bool
+) -> torch.Tensor:
+    """Whether query coordinate x may see key coordinate y along one axis (broadcasting int tensors)."""
+    group = x % d
+    xi, yi = x // d, y // d
+    group_length = (L - group + d - 1) // d  # L_g: members of the query's dilation group
+    same_group = (y % d) == group
+    if causal:
+        leader = torch.minimum((xi // s) * s + s - 1, group_length - 1)
+        return same_group & (yi <= xi) & (leader - yi < k)
+    leader = torch.minimum((xi // s) * s + s // 2, group_length - 1)
+    start = torch.minimum((leader - k // 2).clamp(min=0), group_length - k)  # shifted inward at both borders
+    return same_group & (yi >= start) & (yi < start + k)
+
+
+def neighborhood_mask(
+    spatial: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    causal: tuple[bool, ...],
+    device=None,
+) -> torch.Tensor:
+    """(N, N) bool mask over the row-major flattened map, N = prod(spatial); True = may attend."""
+    n = len(spatial)
+    mask = torch.ones((1,) * (2 * n), dtype=torch.bool, device=device)
+    for i, L in enumerate(spatial):
+        pos = torch.arange(L, device=device)
+        m = visible_1d(
+            pos[:, None], pos[None, :], L, kernel_size[i], stride[i], dilation[i], causal[i]
+        )  # (L, L)
+        shape = [1] * (2 * n)
+        shape[i], shape[n + i] = L, L
+        mask = mask & m.view(shape)  # query dims first, then key dims
+    N = math.prod(spatial)
+    return mask.reshape(N, N)
