@@ -1,0 +1,90 @@
+"""Gated linear attention in chunkwise-parallel form with secondary sub-chunks, in PyTorch with autograd
+(Gated Linear Attention Transformers with Hardware-Efficient Training (Yang et al., 2023), sec. 4.2-4.3).
+
+Inside a chunk of C tokens the output is A v with A the causal C x C gated score matrix; across chunks a
+(K, V) state is carried. Key-wise decays make A a sum over K of exp(b_ik - b_jk) terms, which cannot be
+split into exp(b_i) * exp(-b_j) without overflow under strong decay. As the paper does, the chunk is cut
+into sub-chunks of c tokens: between sub-chunks every factor is decayed relative to a sub-chunk boundary
+(each factor <= 1); inside a sub-chunk the c x c x K pairwise decays are formed and masked before exp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from gatelab.ops.common.chunk import chunk_cumsum, from_chunks, pairwise_decay, scan_states, to_chunks
+from gatelab.ops.common.varlen import run_packed
+
+
+def sub_chunk_size(chunk_size: int) -> int:
+    """About sqrt(C), a divisor of C: balances the n x n x c x K (between) and n x c x c x K (inside) work."""
+    target = max(1, round(math.sqrt(chunk_size)))
+    return max(d for d in range(1, target + 1) if chunk_size % d == 0)
+
+
+def intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: int) -> torch.Tensor:
+    """Causal gated scores within each chunk: q, k (..., C, K) (q already scaled), b (..., C, K) the
+    within-chunk cumulative log decay. Returns A (..., C, C), A[i, j] = sum_k q_ik k_jk exp(b_ik - b_jk)."""
+    *lead, C, K = q.shape
+    n, c = C // sub, sub
+    qs, ks, bs = (x.reshape(*lead, n, c, K) for x in (q, k, b))  # (..., n, c, K)
+    b_end = bs[..., -1, :]  # (..., n, K): log decay at the end of each sub-chunk
+    b_start = F.pad(b_end[..., :-1, :], (0, 0, 1, 0))  # (..., n, K): at the end of the previous one (0 first)
+    # Between sub-chunks I > J, split exp(b_i - b_j) at the boundaries: each factor is <= 1.
+    q_in = qs * torch.exp(bs - b_start[..., None, :])  # (..., n, c, K)
+    k_out = ks * torch.exp(b_end[..., None, :] - bs)  # (..., n, c, K)
+    lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)[:, :, None]  # I > J
+    between = (b_start[..., :, None, :] - b_end[..., None, :, :]).masked_fill(~lower, float("-inf")).exp()
+    A = torch.einsum("...Iik,...IJk,...Jjk->...IiJj", q_in, between, k_out)  # (..., n, c, n, c)
+    # Inside a sub-chunk: pairwise decays, masked before exp.
+    A_diag = torch.einsum("...ik,...jk,...ijk->...ij", qs, ks, pairwise_decay(bs))  # (..., n, c, c)
+    eye = torch.eye(n, dtype=A.dtype, device=q.device)[:, None, :, None]  # (n, 1, n, 1)
+    A = A + A_diag[..., :, :, None, :] * eye
+    return A.reshape(*lead, C, C)
+
+
+def gla_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated linear attention; same function as :func:`gla_reference`, computed in fp32.
+
+    q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H, K) log decay (<= 0); initial_state (B, H, K, V)
+    (or (N, H, K, V) with cu_seqlens (N+1,)). Returns o (B, T, H, V) in q's dtype and the final state
+    (B, H, K, V) fp32 (or None).
+    """
+    if cu_seqlens is not None:
+        return run_packed(
+            gla_chunk,
+            cu_seqlens,
+            (q, k, v, g),
+            initial_state,
+            output_final_state,
+            scale=scale,
+            chunk_size=chunk_size,
+        )
+    T, K = q.shape[1], q.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    C = chunk_size
+    qc = to_chunks(q, C) * scale  # (B, H, N, C, K) fp32
+    kc, vc = to_chunks(k, C), to_chunks(v, C)  # (B, H, N, C, K), (B, H, N, C, V)
+    b = chunk_cumsum(to_chunks(g, C))  # (B, H, N, C, K), <= 0, non-increasing in C
+    b_last = b[..., -1:, :]  # (B, H, N, 1, K)
+    # Inter-chunk: what each chunk adds to the state, decayed to the chunk's end; then the sequential scan.
+    increments = (kc * torch.exp(b_last - b)).transpose(-1, -2) @ vc  # (B, H, N, K, V)
+    states, final = scan_states(increments, torch.exp(b_last).transpose(-1, -2), initial_state)
+    o = (qc * torch.exp(b)) @ states  # (B, H, N, C, V)
+    # Intra-chunk: causal gated scores times values.
+    o = o + intra_chunk_scores(qc, kc, b, sub_chunk_size(C)) @ vc
+    return from_chunks(o, T).to(q.dtype), (final if output_final_state else None)

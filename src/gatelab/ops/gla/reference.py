@@ -1,0 +1,62 @@
+"""Gated linear attention, the definition: the recurrence token by token in fp32 (Gated Linear Attention
+Transformers with Hardware-Efficient Training (Yang et al., 2023), eq. 3)."""
+
+from __future__ import annotations
+
+import torch
+
+from gatelab.ops.common.varlen import run_packed
+
+
+def gla_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,  # unused: same signature as every backend
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t.
+
+    q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H, K) log decay (<= 0); initial_state (B, H, K, V).
+    Returns o (B, T, H, V) in q's dtype and the final state (B, H, K, V) fp32 (or None).
+    """
+    if cu_seqlens is not None:
+        return run_packed(
+            gla_reference, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale
+        )
+    B, T, H, K = q.shape
+    scale = K**-0.5 if scale is None else scale
+    qf, kf, vf, gf = q.float() * scale, k.float(), v.float(), g.float()
+    S = (
+        q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
+        if initial_state is None
+        else initial_state.float()
+    )
+    outputs = []
+    for t in range(T):
+        S = gf[:, t, :, :, None].exp() * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # (B, H, K, V)
+        outputs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], S))
+    o = torch.stack(outputs, dim=1)  # (B, T, H, V)
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+def gla_attention_matrix(
+    q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """The T x T matrix A with o = A v (initial state zero): A[i, j] = scale * sum_k q_ik k_jk
+    prod_{j < s <= i} exp(g_sk) for j <= i, else 0. q, k, g: (B, T, H, K) -> A (B, H, T, T) fp32.
+
+    Memory is T * T * K per head: for diagnostics on short sequences."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b = g.float().cumsum(1)  # (B, T, H, K)
+    diff = b[:, :, None] - b[:, None, :]  # (B, Ti, Tj, H, K); masked before exp (positive above the diagonal)
+    T = q.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[:, :, None, None]
+    decay = torch.exp(diff.masked_fill(~causal, float("-inf")))
+    A = torch.einsum("bihk,bjhk,bijhk->bhij", q.float() * scale, k.float(), decay)
+    return A

@@ -1,0 +1,61 @@
+"""Linear attention with a fixed per-head decay in chunkwise form, in PyTorch with autograd: the
+intra-block / inter-block split of Lightning Attention-2 (Lightning Attention-2: A Free Lunch for Handling
+Unlimited Sequence Lengths in Large Language Models (Qin et al., 2024), alg. 1).
+
+A scalar decay per head and token makes the intra-block decay a C x C matrix exp(b_i - b_j), masked before
+exp, so there is no overflow at any decay strength; the inter-block part carries a (K, V) state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gatelab.ops.common.chunk import causal_decay_matrix, chunk_cumsum, from_chunks, scan_states, to_chunks
+from gatelab.ops.common.varlen import run_packed
+
+from .reference import expand_decay
+
+
+def lightning_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked form of :func:`lightning_reference`, computed in fp32.
+
+    q, k: (B, T, H, K); v: (B, T, H, V); decay: log decay (<= 0) (H,) or (B, T, H); initial_state
+    (B, H, K, V) (or (N, H, K, V) with cu_seqlens (N+1,)). Returns o (B, T, H, V) in q's dtype and the
+    final state (B, H, K, V) fp32 (or None).
+    """
+    decay = expand_decay(decay, q)  # (B, T, H)
+    if cu_seqlens is not None:
+        return run_packed(
+            lightning_chunk,
+            cu_seqlens,
+            (q, k, v, decay),
+            initial_state,
+            output_final_state,
+            scale=scale,
+            chunk_size=chunk_size,
+        )
+    T, K = q.shape[1], q.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    C = chunk_size
+    qc = to_chunks(q, C) * scale  # (B, H, N, C, K) fp32
+    kc, vc = to_chunks(k, C), to_chunks(v, C)  # (B, H, N, C, K), (B, H, N, C, V)
+    b = chunk_cumsum(to_chunks(decay, C))  # (B, H, N, C), <= 0, non-increasing
+    b_last = b[..., -1:]  # (B, H, N, 1)
+    # Inter-block: each block's contribution decayed to its end, then the sequential scan of states.
+    increments = (kc * torch.exp(b_last - b)[..., None]).transpose(-1, -2) @ vc  # (B, H, N, K, V)
+    states, final = scan_states(increments, torch.exp(b_last)[..., None], initial_state)
+    o = (qc * torch.exp(b)[..., None]) @ states  # (B, H, N, C, V)
+    # Intra-block: (q k^T) * causal decay matrix, times values.
+    o = o + ((qc @ kc.transpose(-1, -2)) * causal_decay_matrix(b)) @ vc
+    return from_chunks(o, T).to(q.dtype), (final if output_final_state else None)
