@@ -27,6 +27,12 @@ def _max(values: list[float]) -> float | None:
     return max(values) if values else None
 
 
+def _layer_keys(model: nn.Module, n: int) -> list:
+    keys = getattr(model, "layer_keys", None)
+    keys = keys() if callable(keys) else keys
+    return list(keys) if keys is not None else [None] * n
+
+
 @torch.no_grad()
 def diagnose(
     model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, quantization: bool = True
@@ -102,7 +108,7 @@ def diagnose(
     block_inf = [float(torch.cat(v).mean()) for v in inf_norms]
     block_kurt = [float(torch.cat(v).nan_to_num(nan=0.0).mean()) for v in seq_kurt]
     result = {
-        "layers": list(getattr(model, "layer_keys", [None] * len(sink))),
+        "layers": _layer_keys(model, len(sink)),
         "n_sequences": n_seq,
         "sink_share": sink,
         "sink_share_layer": [None if s is None else sum(s) / len(s) for s in sink],

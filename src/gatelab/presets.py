@@ -1,0 +1,134 @@
+"""Presets of ``gatelab compare``: how much each comparison trains, on which tasks and model sizes.
+
+Every mixer of a comparison gets the same budget (steps, batch, sizes, seeds), so a preset bounds the
+work: ``quick`` is a smoke test, ``default`` a first look at every mixer, ``reproduce`` the run sized for
+the papers' directional effects over 3 seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    tasks: tuple[str, ...]
+    task_options: dict[str, dict]  # task name -> make_task options
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 20
+    eval_every: int = 50
+    eval_batches: int = 4
+    eval_batch_size: int = 32
+    diag_batches: int = 2  # validation batches the diagnostics (and the W8A8 loss) are measured on
+    diag_batch_size: int = 16
+    seeds: int = 1
+    mixers: tuple[str, ...] | None = None  # None: softmax, gated_softmax, clipped_softmax + every causal one
+    mixer_options: dict = field(default_factory=dict)  # LMConfig.mixer_options
+
+    def __post_init__(self):
+        for name in (
+            "d_model", "n_layers", "n_heads", "steps", "batch_size", "eval_every", "eval_batches",
+            "eval_batch_size", "diag_batches", "diag_batch_size", "seeds",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"preset {self.name!r}: {name} must be a positive int, got {value!r}")
+        if self.warmup < 0 or self.lr <= 0:
+            raise ValueError(
+                f"preset {self.name!r}: need warmup >= 0 and lr > 0, got {self.warmup}, {self.lr}"
+            )
+        missing = set(self.tasks) - set(self.task_options)
+        if missing:
+            raise ValueError(f"preset {self.name!r}: no task_options for {sorted(missing)}")
+
+    def replace(self, **changes) -> Preset:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        name="quick",
+        description="smoke test: every mixer runs through training, evaluation, diagnostics and the report",
+        tasks=("mqar", "text", "idle"),
+        task_options={
+            "mqar": {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4},
+            "text": {"seq_len": 32, "max_bytes": 200_000},
+            "idle": {"vocab_size": 64, "seq_len": 32, "n_pairs": 2, "n_queries": 2},
+        },
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        steps=20,
+        batch_size=8,
+        warmup=2,
+        eval_every=10,
+        eval_batches=1,
+        eval_batch_size=16,
+        diag_batches=1,
+        diag_batch_size=8,
+    ),
+    "default": Preset(
+        name="default",
+        description="a first look at every mixer: one seed, small models, a few hundred steps per task",
+        tasks=("mqar", "text", "idle"),
+        task_options={
+            "mqar": {"vocab_size": 256, "seq_len": 64, "num_kv_pairs": 4},
+            "text": {"seq_len": 64, "max_bytes": 1_000_000},
+            "idle": {"vocab_size": 128, "seq_len": 64, "n_pairs": 4, "n_queries": 4},
+        },
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        steps=150,
+        batch_size=16,
+        warmup=15,
+        eval_every=50,
+        eval_batches=2,
+        eval_batch_size=32,
+        diag_batches=2,
+        diag_batch_size=16,
+    ),
+    "reproduce": Preset(
+        name="reproduce",
+        description=(
+            "the papers' directional effects (sinks, massive activations, outliers, W8A8 gap, MQAR recall) "
+            "over 3 seeds on 4-layer models"
+        ),
+        tasks=("mqar", "text", "idle"),
+        task_options={
+            "mqar": {"vocab_size": 256, "seq_len": 64, "num_kv_pairs": 4},
+            "text": {"seq_len": 128},
+            "idle": {"vocab_size": 128, "seq_len": 128, "n_pairs": 4, "n_queries": 4},
+        },
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        steps=1500,
+        batch_size=32,
+        warmup=100,
+        eval_every=250,
+        eval_batches=4,
+        eval_batch_size=32,
+        diag_batches=4,
+        diag_batch_size=32,
+        seeds=3,
+        mixers=("softmax", "gated_softmax", "clipped_softmax", "gla", "gated_deltanet"),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]

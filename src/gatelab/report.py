@@ -1,0 +1,228 @@
+"""The report of ``gatelab compare``: results.json, PNG plots (matplotlib, Agg) and report.md with the
+table and the plots embedded; also the rich table printed on the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+# (key, header, format): one column of the comparison table, read from run_metrics(run)
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("loss", "eval loss", ".3f"),
+    ("accuracy", "accuracy", ".3f"),
+    ("sink_share", "sink share", ".3f"),
+    ("attn_entropy", "attn entropy", ".2f"),
+    ("max_activation", "max act", ".1f"),
+    ("massive_ratio", "act max/median", ".0f"),
+    ("max_inf_norm", "inf-norm", ".1f"),
+    ("avg_kurtosis", "kurtosis", ".1f"),
+    ("w8a8_gap", "W8A8 gap", "+.3f"),
+    ("gate_mean", "gate mean", ".3f"),
+    ("gate_frac_below", "gate < 0.1", ".2f"),
+    ("tokens_per_s", "tokens/s", ".0f"),
+    ("params", "params", ",.0f"),
+    ("wall_s", "wall s", ".1f"),
+)
+
+COLUMN_NOTES = (
+    "eval loss / accuracy: final evaluation (accuracy at labelled positions, mqar and idle); "
+    "sink share: the largest layer's mean share of attention on the first token (uniform attention would "
+    "give the baseline in the task's heading); attn entropy: mean over attention layers (nats); "
+    "max act: largest absolute activation of the residual stream after any block, and act max/median its ratio to "
+    "the median absolute activation of that layer; inf-norm / kurtosis: Quantizable Transformers' measures, "
+    "per-sequence infinity norm (max over blocks) and Pearson kurtosis (mean over blocks) of each block's "
+    "output, averaged over the validation sequences; W8A8 gap: eval loss after int8 fake quantisation of "
+    "every linear layer's weights and inputs minus the fp32 loss; gate mean / gate < 0.1: mean gate value "
+    "and fraction below 0.1 over gated layers; '-': the mixer has no such internals."
+)
+
+
+def finite(value) -> float | None:
+    """``value`` as a float, or None when missing or not finite (JSON has no NaN)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def to_json_safe(obj):
+    """Recursively replace NaN / inf floats by None and tuples by lists, so results.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): to_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+def run_metrics(run: dict) -> dict[str, float | None]:
+    """The table's numbers for one (mixer, task, seed) run."""
+    final = run.get("final") or {}
+    summary = (run.get("diagnostics") or {}).get("summary") or {}
+    out = {
+        "loss": finite(final.get("loss")),
+        "accuracy": finite(final.get("accuracy")),
+        "tokens_per_s": finite(run.get("tokens_per_s")),
+        "params": finite(run.get("params")),
+        "wall_s": finite(run.get("wall_s")),
+    }
+    for key in (
+        "sink_share", "attn_entropy", "max_activation", "massive_ratio", "max_inf_norm", "avg_kurtosis",
+        "w8a8_gap", "gate_mean", "gate_frac_below",
+    ):  # fmt: skip
+        out[key] = finite(summary.get(key))
+    return out
+
+
+def mean_std(values: Sequence[float | None]) -> dict:
+    """{"mean", "std" (sample std, 0 for one value), "n"} over the values that are not None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
+    """task -> mixer -> metric -> {"mean", "std", "n"} over the seeds of the successful runs."""
+    grouped: dict[str, dict[str, list[dict]]] = {}
+    for run in runs:
+        if run.get("status") == "ok":
+            grouped.setdefault(run["task"], {}).setdefault(run["mixer"], []).append(run_metrics(run))
+    return {
+        task: {
+            mixer: {key: mean_std([m[key] for m in metrics]) for key, _, _ in COLUMNS}
+            for mixer, metrics in by_mixer.items()
+        }
+        for task, by_mixer in grouped.items()
+    }
+
+
+def format_cell(stats: dict | None, fmt: str) -> str:
+    """ "1.234", "1.234 ± 0.010" over several seeds, "-" when missing."""
+    if not stats or stats.get("mean") is None:
+        return "-"
+    text = format(stats["mean"], fmt)
+    if stats.get("n", 1) > 1:
+        text += " ± " + format(stats["std"], fmt.lstrip("+"))
+    return text
+
+
+def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per mixer, in the comparison's order) of the table of one task."""
+    agg = results["aggregate"].get(task, {})
+    header = ["mixer"] + [h for _, h, _ in COLUMNS]
+    rows = []
+    for mixer in results["config"]["mixers"]:
+        failed = [
+            r for r in results["runs"] if r["task"] == task and r["mixer"] == mixer and r["status"] != "ok"
+        ]
+        if mixer in agg:
+            rows.append([mixer] + [format_cell(agg[mixer].get(k), f) for k, _, f in COLUMNS])
+        elif failed:
+            rows.append([mixer, f"failed: {failed[0].get('error', '')[:60]}"] + [""] * (len(COLUMNS) - 1))
+    return header, rows
+
+
+def task_heading(results: dict, task: str) -> str:
+    info = results.get("tasks", {}).get(task, {})
+    uniform = [
+        r["diagnostics"]["summary"].get("sink_share_uniform")
+        for r in results["runs"]
+        if r["task"] == task and r["status"] == "ok" and r.get("diagnostics")
+    ]
+    uniform = next((u for u in uniform if u is not None), None)
+    parts = [
+        f"{k}={v}"
+        for k, v in info.items()
+        if k in ("vocab_size", "seq_len", "num_kv_pairs", "n_pairs", "n_queries")
+    ]
+    if "sha256" in info or "hash" in info:
+        parts.append(f"corpus {str(info.get('sha256', info.get('hash')))[:12]}")
+    text = f"{task} ({', '.join(parts)})" if parts else task
+    if uniform is not None:
+        text += f"; uniform first-token share {uniform:.3f}"
+    return text
+
+
+def print_tables(results: dict, console=None) -> None:
+    """Print one rich table per task."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if console.width < 160 and not console.is_terminal:
+        console = Console(width=160)  # a log file, not a screen: do not squeeze 15 columns into 80
+    for task in results["config"]["tasks"]:
+        header, rows = table_rows(results, task)
+        table = Table(title=task_heading(results, task), show_lines=False)
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, results: dict) -> dict[str, Path]:
+    """Write results.json, the PNG plots and report.md into ``run_dir``; returns their paths by name."""
+    from .report_plots import make_plots
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = dict(results)
+    results["aggregate"] = aggregate(results["runs"])
+    paths = {"results": run_dir / "results.json"}
+    paths["results"].write_text(json.dumps(to_json_safe(results), indent=1))
+    plots = make_plots(results, run_dir)
+    paths.update(plots)
+    paths["report"] = run_dir / "report.md"
+    paths["report"].write_text(render_markdown(results, plots))
+    return paths
+
+
+def render_markdown(results: dict, plots: dict[str, Path]) -> str:
+    config, env = results["config"], results["environment"]
+    seeds = config["seeds"]
+    lines = [
+        f"# gatelab compare: {results.get('name', '')}",
+        "",
+        f"Preset `{config['preset']}`: {config.get('description', '')}.",
+        "",
+        f"- model: {config['n_layers']} layers, d_model {config['d_model']}, {config['n_heads']} heads; "
+        f"{config['steps']} steps of batch {config['batch_size']}, lr {config['lr']}; "
+        f"seeds {', '.join(map(str, seeds))} (mean ± sample std over seeds when more than one)",
+        f"- machine: {env.get('machine', '')}; device {env.get('device', '')}; torch {env.get('torch', '')}; "
+        f"{env.get('threads', '')} threads",
+        f"- wall time: {results.get('wall_s', 0):.0f} s; command: `{results.get('command', '')}`",
+        "",
+    ]
+    skipped = results.get("skipped_mixers") or {}
+    if skipped:
+        lines += ["Not run: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()), ""]
+    for task in config["tasks"]:
+        header, rows = table_rows(results, task)
+        lines += [f"## {task_heading(results, task)}", "", markdown_table(header, rows), ""]
+    lines += ["Columns: " + COLUMN_NOTES, ""]
+    titles = {
+        "loss_curves": "Training loss",
+        "mqar_accuracy": "MQAR accuracy",
+        "sink_share": "First-token attention share per layer",
+        "max_activation": "Max absolute activation of the residual stream per layer",
+        "speed": "Training speed",
+    }
+    for name, path in plots.items():
+        lines += [f"## {titles.get(name, name)}", "", f"![{name}]({Path(path).name})", ""]
+    return "\n".join(lines)

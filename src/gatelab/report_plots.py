@@ -1,0 +1,159 @@
+"""PNG plots of a ``gatelab compare`` run (matplotlib, Agg backend): loss curves, MQAR accuracy, sink
+share and max activation per layer, training speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: works on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _ok_runs(results: dict, task: str | None = None) -> list[dict]:
+    return [r for r in results["runs"] if r["status"] == "ok" and (task is None or r["task"] == task)]
+
+
+def _colors(mixers: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab20" if len(mixers) > 10 else "tab10")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(mixers)}
+
+
+def _mean_curve(runs: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
+    """Mean over seeds of ``key`` in the history rows of ``split``, at the steps every seed logged."""
+    per_step: dict[int, list[float]] = {}
+    for run in runs:
+        for row in run.get("history", []):
+            if row.get("split") == split and row.get(key) is not None:
+                per_step.setdefault(row["step"], []).append(float(row[key]))
+    steps = sorted(s for s, v in per_step.items() if len(v) == len(runs))
+    return steps, [sum(per_step[s]) / len(per_step[s]) for s in steps]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _grid(n: int, width: float = 5.0, height: float = 3.6):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curves(results: dict, path: Path) -> Path:
+    tasks, mixers = results["config"]["tasks"], results["config"]["mixers"]
+    colors = _colors(mixers)
+    fig, axes = _grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for mixer in mixers:
+            runs = [r for r in _ok_runs(results, task) if r["mixer"] == mixer]
+            if runs:
+                steps, loss = _mean_curve(runs, "train", "loss")
+                ax.plot(
+                    steps, _smooth(loss, max(1, len(loss) // 30)), label=mixer, color=colors[mixer], lw=1.2
+                )
+        ax.set(title=f"{task}: training loss", xlabel="step", ylabel="loss (smoothed)")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def plot_mqar_accuracy(results: dict, path: Path) -> Path:
+    mixers = results["config"]["mixers"]
+    colors = _colors(mixers)
+    fig, axes = _grid(1, width=6.5)
+    ax = axes[0]
+    for mixer in mixers:
+        runs = [r for r in _ok_runs(results, "mqar") if r["mixer"] == mixer]
+        if runs:
+            steps, acc = _mean_curve(runs, "val", "accuracy")
+            ax.plot(steps, acc, marker="o", ms=3, label=mixer, color=colors[mixer])
+    ax.set(title="MQAR: accuracy at query positions", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _plot_per_layer(
+    results: dict, path: Path, key: str, title: str, ylabel: str, log: bool, baseline: str | None
+):
+    tasks, mixers = results["config"]["tasks"], results["config"]["mixers"]
+    colors = _colors(mixers)
+    fig, axes = _grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        base = None
+        for mixer in mixers:
+            runs = [r for r in _ok_runs(results, task) if r["mixer"] == mixer]
+            curves = [r["diagnostics"][key] for r in runs if r.get("diagnostics")]
+            if key == "max_activation":
+                curves = [c[1:] for c in curves]  # h_1..h_L: after each block
+            if not curves or any(v is None for c in curves for v in c):
+                continue  # a layer without attention internals: nothing to draw
+            mean = [sum(vals) / len(vals) for vals in zip(*curves)]
+            ax.plot(range(1, len(mean) + 1), mean, marker="o", label=mixer, color=colors[mixer])
+            if baseline and runs:
+                base = runs[0]["diagnostics"].get(baseline)
+        if base is not None:
+            ax.axhline(base, color="gray", ls="--", lw=1, label="uniform attention")
+        ax.set(title=f"{task}: {title}", xlabel="layer", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_speed(results: dict, path: Path) -> Path:
+    tasks, mixers = results["config"]["tasks"], results["config"]["mixers"]
+    fig, axes = _grid(1, width=max(6.0, 0.6 * len(mixers) * len(tasks) / 2 + 3))
+    ax = axes[0]
+    width = 0.8 / max(1, len(tasks))
+    for j, task in enumerate(tasks):
+        values = []
+        for mixer in mixers:
+            speeds = [r["tokens_per_s"] for r in _ok_runs(results, task) if r["mixer"] == mixer]
+            values.append(sum(speeds) / len(speeds) if speeds else 0.0)
+        ax.bar([i + j * width for i in range(len(mixers))], values, width=width, label=task)
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(mixers))], mixers, rotation=45, ha="right", fontsize=8
+    )
+    ax.set(title="training speed", ylabel="tokens / s")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def make_plots(results: dict, out_dir: Path) -> dict[str, Path]:
+    """Write the PNGs into ``out_dir``; returns name -> path (MQAR accuracy only when mqar was run)."""
+    out_dir = Path(out_dir)
+    if not _ok_runs(results):
+        return {}
+    plots = {"loss_curves": plot_loss_curves(results, out_dir / "loss_curves.png")}
+    if _ok_runs(results, "mqar"):
+        plots["mqar_accuracy"] = plot_mqar_accuracy(results, out_dir / "mqar_accuracy.png")
+    plots["sink_share"] = _plot_per_layer(
+        results, out_dir / "sink_share.png", "sink_share_layer", "first-token attention share", "share", False,
+        "sink_share_uniform",
+    )  # fmt: skip
+    plots["max_activation"] = _plot_per_layer(
+        results, out_dir / "max_activation.png", "max_activation", "max |h| after each block", "max |h|", True,
+        None,
+    )  # fmt: skip
+    plots["speed"] = plot_speed(results, out_dir / "speed.png")
+    return plots
