@@ -8,7 +8,7 @@ from gatelab.ops.hip.flex_blocks import block_mask_from_rows, check_flex_grad, r
 from .routing import from_regions, route, routed_regions, to_regions
 
 
-def biformer_flex(q, k, v, *, grid, topk, scale, compiled=False):
+def biformer_flex(q, k, v, *, grid, topk, scale, compiled=None):
     """q (B, Hh, Ww, H, D), k (B, Hh, Ww, H, D), v (B, Hh, Ww, H, V) -> (B, Hh, Ww, H, V)."""
     check_flex_grad("biformer", q, k, v)
     B, Hh, Ww = q.shape[:3]

@@ -10,7 +10,7 @@ from gatelab.ops.hip.flex_blocks import block_mask_from_rows, check_flex_grad, r
 from .mask import hip_select, query_positions
 
 
-def hip_flex(q, k, v, *, topk, block_size_q, block_size_k, sinks, window, causal, scale, compiled=False):
+def hip_flex(q, k, v, *, topk, block_size_q, block_size_k, sinks, window, causal, scale, compiled=None):
     """q (B, Tq, H, D), k (B, S, Hkv, D), v (B, S, Hkv, V) -> (B, Tq, H, V)."""
     check_flex_grad("hip", q, k, v)
     Tq, S = q.shape[1], k.shape[1]

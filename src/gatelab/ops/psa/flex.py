@@ -10,7 +10,7 @@ from gatelab.ops.hip.flex_blocks import block_mask_from_rows, check_flex_grad, r
 from .levels import psa_levels, pyramid, query_positions
 
 
-def psa_flex(q, k, v, *, budget, block_size_q, block_size_k, causal, scale, compiled=False):
+def psa_flex(q, k, v, *, budget, block_size_q, block_size_k, causal, scale, compiled=None):
     """q (B, Tq, H, D), k (B, S, Hkv, D), v (B, S, Hkv, V) -> (B, Tq, H, V)."""
     check_flex_grad("psa", q, k, v)
     Tq, S = q.shape[1], k.shape[1]

@@ -1,0 +1,113 @@
+"""HiP attention: the hierarchical mask, the flex backend against the reference, dense at full budget."""
+
+import pytest
+import torch
+
+from gatelab.ops.hip import hip, hip_select
+from gatelab.ops.softmax import softmax
+from gatelab.testing import TOLERANCE, assert_close, compare_grads
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+SHAPES = [(1, 1, 2, 16), (3, 63, 2, 60), (2, 65, 4, 32)]  # (B, T, H, D)
+
+
+def inputs(B, T, H, D, Hkv=None, dtype=torch.float32):
+    """q, k, v rounded to ``dtype`` (so a reference in fp32 sees the very values the fast path sees)."""
+    Hkv = Hkv or H
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    return tuple(x.to(dtype) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_budget_is_dense_attention(shape, causal):
+    B, T, H, D = shape
+    tensors = dict(zip("qkv", inputs(B, T, H, D, Hkv=1 if H > 1 else None)))
+    for t in tensors.values():
+        t.requires_grad_(True)
+    options = dict(topk=T, block_size_k=4, sinks=0, window=0, causal=causal)
+    compare_grads(
+        tensors,
+        lambda x: hip(x["q"], x["k"], x["v"], backend="reference", **options),
+        lambda x: softmax(x["q"], x["k"], x["v"], causal=causal, backend="reference"),
+        torch.float32,
+    )
+    with torch.no_grad():
+        o = hip(*tensors.values(), backend="flex", **options)
+    assert_close("flex at full budget", o, softmax(*tensors.values(), causal=causal, backend="reference"))
+
+
+FLEX_CASES = [  # (shape, dtype, block_size_q, causal): every shape, dtype, query block and mask direction
+    ((1, 1, 2, 16), torch.float32, 1, True),
+    ((3, 63, 2, 60), torch.float32, 1, True),
+    ((3, 63, 2, 60), torch.bfloat16, 16, True),
+    ((2, 65, 4, 32), torch.bfloat16, 1, True),
+    ((2, 65, 4, 32), torch.float32, 16, False),
+    ((3, 63, 2, 60), torch.bfloat16, 1, False),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, block_size_q, causal", FLEX_CASES, ids=str)
+def test_flex_matches_reference(shape, dtype, block_size_q, causal):
+    B, T, H, D = shape
+    q, k, v = inputs(B, T, H, D, dtype=dtype)
+    options = dict(topk=2, block_size_q=block_size_q, block_size_k=8, sinks=2, window=4, causal=causal)
+    with torch.no_grad():
+        o = hip(q, k, v, backend="flex", **options)
+    expected = hip(q.float(), k.float(), v.float(), backend="reference", **options)
+    assert o.dtype == dtype
+    assert_close("hip flex", o.float(), expected, dtype)
+    if T > 8 * 2 + 4:  # some keys are pruned: HiP is not dense attention here
+        dense = softmax(q.float(), k.float(), v.float(), causal=causal, backend="reference")
+        assert (expected - dense).abs().max() > 10 * TOLERANCE[dtype]
+
+
+def test_mask_keeps_topk_blocks_in_the_causal_past():
+    q, k, _ = inputs(2, 80, 3, 16)
+    selected = hip_select(
+        q, k, topk=3, block_size_q=1, block_size_k=8, causal=True, scale=0.25
+    )  # (B, H, T, nK)
+    available = torch.arange(80) // 8 + 1  # key blocks a query may touch
+    expected = available.clamp(max=3).expand(2, 3, 80)
+    assert torch.equal(selected.sum(-1), expected)
+    future = torch.arange(10)[None, :] > (torch.arange(80) // 8)[:, None]  # (T, nK)
+    assert not (selected & future).any()
+
+
+def test_hierarchy_finds_the_relevant_key_blocks():
+    """A run of keys aligned with every query: the halving search must end on those blocks."""
+    T, D = 128, 16
+    u = torch.randn(D)
+    q = u.expand(1, T, 1, D).clone()
+    k = 0.1 * torch.randn(1, T, 1, D)
+    k[:, 32:64] = 3 * u  # key blocks 4..7 of 8 tokens
+    selected = hip_select(q, k, topk=2, block_size_q=1, block_size_k=8, causal=True, scale=D**-0.5)[0, 0]
+    later = selected[64:]  # queries that can see the whole run
+    assert later.sum(-1).eq(2).all()
+    assert not later[:, :4].any() and not later[:, 8:].any()
+
+
+def test_decode_reproduces_the_parallel_pass():
+    """block_size_q=1: a query's mask depends only on itself and the keys up to it."""
+    q, k, v = inputs(2, 40, 2, 16)
+    options = dict(topk=2, block_size_k=4, sinks=1, window=3, backend="reference")
+    full = hip(q, k, v, **options)
+    steps = [hip(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], **options) for t in range(40)]
+    assert_close("decode", torch.cat(steps, dim=1), full)
+
+
+def test_errors():
+    q, k, v = inputs(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="topk"):
+        hip(q, k, v, topk=0)
+    with pytest.raises(ValueError, match="block_size_k"):
+        hip(q, k, v, block_size_k=0)
+    with pytest.raises(ValueError, match="window"):
+        hip(q, k, v, window=-1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        hip(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="at least as many keys"):
+        hip(q, k[:, :4], v[:, :4])
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        hip(q.requires_grad_(), k, v, backend="flex")
