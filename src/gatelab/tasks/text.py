@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
@@ -20,25 +21,29 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _select_files(root: Path, pattern: str) -> list[Path]:
+def _select_files(root: Path, suffix: str | None) -> list[Path]:
+    """Files under ``root`` (optionally only ``*suffix``) in sorted order of their relative path,
+    pruning SKIP_DIRS and hidden folders as we walk (site-packages can be huge)."""
     files = []
-    for path in sorted(root.rglob(pattern), key=lambda p: p.relative_to(root).as_posix()):
-        parts = path.relative_to(root).parts
-        if path.is_file() and not any(p in SKIP_DIRS or p.startswith(".") for p in parts):
-            files.append(path)
-    return files
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")]
+        files += [
+            Path(folder, n) for n in names if not n.startswith(".") and (suffix is None or n.endswith(suffix))
+        ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 @lru_cache(maxsize=4)
 def load_corpus(corpus: str | None, max_bytes: int) -> dict:
     """Read the corpus once per process: {"train": uint8 tensor, "val": uint8 tensor, "meta": {...}}.
 
-    Files are taken in sorted order of their relative path until ``max_bytes``; files containing a NUL
-    byte (binary) are skipped. Each file goes wholly to train or val by a hash of its relative path; a
-    single file (or a corpus whose val part would be too small) is split 90/10 by bytes instead.
+    Files are taken in sorted order of their relative path while they fit under ``max_bytes`` (a file
+    that does not fit is skipped; a first file larger than the cap is truncated); files with a NUL byte
+    (binary) are skipped. Each file goes wholly to train or val by a hash of its relative path; a single
+    file (or a corpus whose val part would be too small) is split 90/10 by bytes instead.
     """
     if corpus is None:
-        root, files = stdlib_dir(), _select_files(stdlib_dir(), "*.py")
+        root, files = stdlib_dir(), _select_files(stdlib_dir(), ".py")
         source = f"python-stdlib:{root}"
     else:
         root = Path(corpus).expanduser()
@@ -46,18 +51,16 @@ def load_corpus(corpus: str | None, max_bytes: int) -> dict:
             raise FileNotFoundError(
                 f"text corpus {corpus!r} not found: give a text file or a folder of text files"
             )
-        files = [root] if root.is_file() else _select_files(root, "*")
+        files = [root] if root.is_file() else _select_files(root, None)
         source = str(root.resolve())
     train, val, used, total = [], [], 0, 0
     for path in files:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if total > 0 and total + size > max_bytes:
+            continue  # does not fit under the cap: skip it, smaller files later in the order may
+        data = path.read_bytes()[: max_bytes - total]
         if not data or b"\0" in data:
             continue
-        if total + len(data) > max_bytes:
-            if total == 0:
-                data = data[:max_bytes]
-            else:
-                break
         relative = path.name if root.is_file() else path.relative_to(root).as_posix()
         bucket = int.from_bytes(hashlib.sha256(relative.encode()).digest()[:4], "big") % VAL_BUCKETS
         (val if bucket == 0 else train).append(data)
@@ -81,7 +84,9 @@ def load_corpus(corpus: str | None, max_bytes: int) -> dict:
         "val_bytes": len(val_bytes),
         "sha256": digest.hexdigest(),
     }
-    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)
+    as_tensor = lambda b: (
+        torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.zeros(0, dtype=torch.uint8)
+    )
     return {"train": as_tensor(train_bytes), "val": as_tensor(val_bytes), "meta": meta}
 
 

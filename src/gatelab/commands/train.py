@@ -1,0 +1,146 @@
+"""``gatelab train``: train one configuration (pattern, task, sizes) and save the model and its metrics.
+
+    gatelab train --pattern "gated_deltanet*3,gated_softmax" --task mqar --d-model 64 --layers 4 \\
+        --steps 2000 --out runs/hybrid
+    torchrun --standalone --nproc_per_node 2 -m gatelab.cli train ...   # DDP (gloo on CPU, NCCL on GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from gatelab.cli import command
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pattern", default="softmax", help="mixer per layer, e.g. 'softmax', 'gated_deltanet*3,softmax'"
+    )
+    p.add_argument("--task", default="mqar", help="mqar | text | idle")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--mlp-ratio", type=float, default=4.0)
+    p.add_argument("--seq-len", type=int, default=None, help="task sequence length (task default if omitted)")
+    p.add_argument("--vocab-size", type=int, default=None, help="mqar / idle vocabulary (text is bytes: 256)")
+    p.add_argument("--corpus", default=None, help="text task: a text file or folder (default: Python stdlib)")
+    p.add_argument(
+        "--task-option", action="append", default=[], metavar="NAME=VALUE", help="e.g. num_kv_pairs=8"
+    )
+    p.add_argument(
+        "--mixer-option",
+        action="append",
+        default=[],
+        metavar="KEY.NAME=VALUE",
+        help="e.g. gated_softmax.gate=headwise",
+    )
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over DDP ranks)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=None, help="default: min(100, steps // 10)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=None, help="default: steps // 10")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="run folder (default runs/train-<task>-<pattern>)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as headwise
+
+
+def _pairs(items: list[str], flag: str) -> list[tuple[str, object]]:
+    out = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{flag} takes NAME=VALUE, got {item!r}")
+        out.append((name, _value(value)))
+    return out
+
+
+def build(args: argparse.Namespace):
+    """The task, the LM and the TrainConfig an argument namespace describes."""
+    from gatelab.models.lm import LM, LMConfig
+    from gatelab.tasks import make_task
+    from gatelab.train import TrainConfig
+
+    task_options = dict(_pairs(args.task_option, "--task-option"))
+    if args.seq_len is not None:
+        task_options["seq_len"] = args.seq_len
+    if args.vocab_size is not None:
+        task_options["vocab_size"] = args.vocab_size
+    if args.corpus is not None:
+        task_options["corpus"] = args.corpus
+    task = make_task(args.task, **task_options)
+    mixer_options: dict[str, dict] = {}
+    for name, value in _pairs(args.mixer_option, "--mixer-option"):
+        key, dot, option = name.partition(".")
+        if not dot:
+            raise ValueError(f"--mixer-option takes KEY.NAME=VALUE (KEY a mechanism or '*'), got {name!r}")
+        mixer_options.setdefault(key, {})[option] = value
+    lm_config = LMConfig(
+        vocab_size=task.vocab_size,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        pattern=args.pattern,
+        mlp_ratio=args.mlp_ratio,
+        mixer_options=mixer_options,
+        max_seq_len=task.seq_len,
+        seed=args.seed,
+    )
+    model = LM(lm_config)
+    out = args.out or f"runs/train-{args.task}-{args.pattern.replace('*', 'x').replace(',', '+')}"
+    train_config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup=args.warmup if args.warmup is not None else min(100, args.steps // 10),
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        eval_every=args.eval_every if args.eval_every is not None else max(1, args.steps // 10),
+        eval_batches=args.eval_batches,
+        seed=args.seed,
+        device=args.device,
+        out_dir=out,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=not args.no_progress,
+        compile=args.compile,
+    )
+    return task, model, train_config
+
+
+@command("train", _add_arguments)
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one configuration (pattern, task, sizes) and save the model and metrics."""
+    from gatelab.train import train
+
+    task, model, config = build(args)
+    main_rank = int(os.environ.get("RANK", 0)) == 0
+    if main_rank:
+        layers = ", ".join(model.layer_keys)
+        print(f"model: {model.num_parameters():,} parameters ({layers}); task: {json.dumps(task.describe())}")
+    result = train(model, task, config)
+    if main_rank:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
+        print(
+            f"done: {result.steps} steps in {result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s; {metrics}\n"
+            f"saved model + metrics.jsonl + train_summary.json in {Path(config.out_dir)}"
+        )
+    return 0
