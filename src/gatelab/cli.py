@@ -83,4 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m gatelab.cli`` (e.g. under torchrun): use the imported module, whose COMMANDS the
+    # sub-command modules register into, not this ``__main__`` copy.
+    from gatelab.cli import main as _main
+
+    sys.exit(_main())
