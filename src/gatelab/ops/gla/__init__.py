@@ -85,7 +85,7 @@ def gla(
         raise ValueError(f"g must have the shape of k (B, T, H, K) = {tuple(k.shape)}, got {tuple(g.shape)}")
     if g.device != q.device:  # g may be fp32 while q is bf16: gates are often computed in fp32
         raise ValueError(f"g is on {g.device} but q is on {q.device}; move them to one device")
-    check_log_gate("g", g)
+    check_log_gate("g", g.detach())
     check_linear_options("gla", q, v, initial_state, cu_seqlens, chunk_size)
     available = {"reference": True, "chunk": True, "recurrent": True, "triton": lambda: _triton_ready(q)}
     name = resolve_backend("gla", backend, available, AUTO_ORDER)

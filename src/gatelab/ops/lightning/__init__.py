@@ -63,7 +63,7 @@ def lightning(
         )
     if decay.device != q.device:
         raise ValueError(f"decay is on {decay.device} but q is on {q.device}; move them to one device")
-    check_log_gate("decay", decay)
+    check_log_gate("decay", decay.detach())
     check_linear_options("lightning", q, v, initial_state, cu_seqlens, chunk_size)
     available = {"reference": True, "chunk": True, "recurrent": True, "triton": lambda: _triton_ready(q)}
     name = resolve_backend("lightning", backend, available, AUTO_ORDER)
