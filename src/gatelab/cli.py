@@ -26,6 +26,7 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
 
 def _list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", default=None, help="only this family (softmax, linear, sparse, gate)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
 
 
 @command("list", _list_arguments)
@@ -36,11 +37,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from gatelab.registry import list_mechanisms
 
-    table = Table(title="gatelab mechanisms")
-    for column in ("key", "family", "causal", "bidir.", "backends", "status", "paper"):
-        table.add_column(column)
-    for spec in list_mechanisms(family=args.family):
-        table.add_row(
+    columns = ("key", "family", "causal", "bidirectional", "backends", "status", "paper")
+    rows = [
+        (
             spec.key,
             spec.family,
             "yes" if spec.causal else "-",
@@ -49,7 +48,23 @@ def cmd_list(args: argparse.Namespace) -> int:
             spec.status,
             spec.paper,
         )
-    Console().print(table)
+        for spec in list_mechanisms(family=args.family)
+    ]
+    if args.markdown:
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(f"`{row[0]}`" if i == 0 else cell for i, cell in enumerate(row)) + " |")
+        return 0
+    table = Table(title="gatelab mechanisms")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped output: do not wrap every paper title into a column
+    console.print(table)
     return 0
 
 
