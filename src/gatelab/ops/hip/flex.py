@@ -13,6 +13,15 @@ from .mask import hip_select, query_positions
 def hip_flex(q, k, v, *, topk, block_size_q, block_size_k, sinks, window, causal, scale, compiled=None):
     """q (B, Tq, H, D), k (B, S, Hkv, D), v (B, S, Hkv, V) -> (B, Tq, H, V)."""
     check_flex_grad("hip", q, k, v)
+    options = dict(
+        block_size_q=block_size_q, block_size_k=block_size_k, sinks=sinks, window=window, causal=causal
+    )
+    block_mask = hip_block_mask(q, k, topk=topk, scale=scale, **options)
+    return run_flex(q, k, v, block_mask, scale, compiled=compiled)
+
+
+def hip_block_mask(q, k, *, topk, block_size_q, block_size_k, sinks, window, causal, scale):
+    """The BlockMask (with its mask_mod) of HiP's mask for q (B, Tq, H, D) and k (B, S, Hkv, D)."""
     Tq, S = q.shape[1], k.shape[1]
     bq, bk = block_size_q, block_size_k
     selected = hip_select(
@@ -38,5 +47,4 @@ def hip_flex(q, k, v, *, topk, block_size_q, block_size_k, sinks, window, causal
         rows = rows | ((key > first - window) & (key < last + window))
     if causal:
         rows = rows & (key <= last)
-    block_mask = block_mask_from_rows(rows, bq, Tq, S, mask_mod)
-    return run_flex(q, k, v, block_mask, scale, compiled=compiled)
+    return block_mask_from_rows(rows, bq, Tq, S, mask_mod)

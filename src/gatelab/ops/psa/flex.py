@@ -13,6 +13,16 @@ from .levels import psa_levels, pyramid, query_positions
 def psa_flex(q, k, v, *, budget, block_size_q, block_size_k, causal, scale, compiled=None):
     """q (B, Tq, H, D), k (B, S, Hkv, D), v (B, S, Hkv, V) -> (B, Tq, H, V)."""
     check_flex_grad("psa", q, k, v)
+    options = dict(
+        budget=budget, block_size_q=block_size_q, block_size_k=block_size_k, causal=causal, scale=scale
+    )
+    k_all, v_all, block_mask, score_mod = psa_flex_inputs(q, k, v, **options)
+    return run_flex(q, k_all, v_all, block_mask, scale, score_mod=score_mod, compiled=compiled)
+
+
+def psa_flex_inputs(q, k, v, *, budget, block_size_q, block_size_k, causal, scale):
+    """What flex runs: k_all (B, S_all, Hkv, D) and v_all (B, S_all, Hkv, V) (full then 2x, 4x, 8x pooled),
+    the BlockMask (with its mask_mod) and the score_mod adding log(tokens pooled)."""
     Tq, S = q.shape[1], k.shape[1]
     bq = block_size_q
     level = psa_levels(
@@ -39,4 +49,4 @@ def psa_flex(q, k, v, *, budget, block_size_q, block_size_k, causal, scale, comp
         index = torch.arange(token_level.shape[0], device=q.device)[None]
         rows = rows & ((token_level != 1) | (index <= last))
     block_mask = block_mask_from_rows(rows, bq, Tq, k_all.shape[1], mask_mod)
-    return run_flex(q, k_all, v_all, block_mask, scale, score_mod=score_mod, compiled=compiled)
+    return k_all, v_all, block_mask, score_mod

@@ -1,0 +1,131 @@
+"""Routed sparse attention cases for bench_sparse.py: BiFormer, HiP and PSA through flex, each against
+dense SDPA on the same inputs (bidirectional for the 2D map, causal for the sequences).
+
+``cases(quick)`` returns rows in the format bench_sparse.py documents. Block density counts the flex
+blocks (128 x 128, or region-aligned query blocks) the kernel visits, relative to the dense block grid
+of the same (Tq, S); ideal density is the fraction of (query, key) pairs the mask allows (for PSA a pooled
+key counts as one pair). Mask estimation (routing, hierarchy, levels) is inside ``run``, as in use.
+
+    python benchmarks/_sparse_routed_cases.py --quick   # these rows alone, without bench_sparse.py
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gatelab.ops.biformer import biformer
+from gatelab.ops.biformer.flex import biformer_block_mask
+from gatelab.ops.biformer.routing import route, routed_regions
+from gatelab.ops.hip import hip, hip_select, token_mask
+from gatelab.ops.hip.flex import hip_block_mask
+from gatelab.ops.psa import psa, psa_levels, pyramid, pyramid_mask
+from gatelab.ops.psa.flex import psa_flex_inputs
+
+
+def _visited_fraction(block_mask, T: int, S: int) -> float:
+    """Visited (q block, kv block) pairs of a BlockMask relative to a dense 128 x 128 grid over (T, S)."""
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    visited = float(block_mask.kv_num_blocks.float().sum()) * q_block * kv_block
+    denominator = block_mask.kv_num_blocks.shape[0] * block_mask.kv_num_blocks.shape[1]
+    return visited / (denominator * (-(-T // 128) * 128) * (-(-S // 128) * 128))
+
+
+def _sdpa(q, k, v, causal):
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def biformer_case(side: int, regions: int, topk: int, H: int = 4, D: int = 64) -> dict:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, side, side, H, D) for _ in range(3))
+    grid = (regions, regions)
+    block_mask = biformer_block_mask(q, k, grid=grid, topk=topk)
+    routed = routed_regions(route(q, k, grid, topk), regions * regions)
+    qs, ks, vs = (x.flatten(1, 2).transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, N, D)
+    N = side * side
+    return {
+        "name": f"biformer 2D {side}x{side} regions={regions}x{regions} topk={topk}",
+        "run": lambda: biformer(q, k, v, regions=regions, topk=topk, backend="flex"),
+        "dense": _sdpa(qs, ks, vs, causal=False),
+        "block_density": _visited_fraction(block_mask, N, N),
+        "ideal_density": float(routed.float().mean()),
+        "notes": "flex, region-major tokens; dense = bidirectional SDPA",
+    }
+
+
+def hip_case(T: int, topk: int, block_size_q: int, block_size_k: int, H: int = 4, D: int = 64) -> dict:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, D) for _ in range(3))
+    options = dict(
+        topk=topk, block_size_q=block_size_q, block_size_k=block_size_k, sinks=4, window=64, causal=True
+    )
+    block_mask = hip_block_mask(q, k, scale=D**-0.5, **options)
+    selected = hip_select(
+        q, k, topk=topk, block_size_q=block_size_q, block_size_k=block_size_k, causal=True, scale=D**-0.5
+    )
+    mask = token_mask(
+        selected, T, T, block_size_q=block_size_q, block_size_k=block_size_k, causal=True, sinks=4, window=64
+    )
+    qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return {
+        "name": f"hip T={T} topk={topk} bq={block_size_q} bk={block_size_k}",
+        "run": lambda: hip(q, k, v, backend="flex", **options),
+        "dense": _sdpa(qs, ks, vs, causal=True),
+        "block_density": _visited_fraction(block_mask, T, T),
+        "ideal_density": float(mask.float().mean()),
+        "notes": "flex, sinks=4 window=64; dense = causal SDPA",
+    }
+
+
+def psa_case(
+    T: int, block_size_q: int, block_size_k: int, budget=(0.25, 0.15, 0.15, 0.15), H: int = 4, D: int = 64
+):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, D) for _ in range(3))
+    options = dict(budget=budget, block_size_q=block_size_q, block_size_k=block_size_k, causal=True)
+    _, _, block_mask, _ = psa_flex_inputs(q, k, v, scale=D**-0.5, **options)
+    level = psa_levels(q, k, scale=D**-0.5, **options)
+    _, _, token_level, token_block, _ = pyramid(k, v, block_size_k)
+    mask = pyramid_mask(level, T, T, token_level, token_block, block_size_q=block_size_q, causal=True)
+    qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return {
+        "name": f"psa T={T} bq={block_size_q} bk={block_size_k} budget={budget}",
+        "run": lambda: psa(q, k, v, backend="flex", **options),
+        "dense": _sdpa(qs, ks, vs, causal=True),
+        "block_density": _visited_fraction(block_mask, T, T),
+        "ideal_density": float(mask.float().sum(-1).mean()) / T,
+        "notes": "flex over full + pooled keys; dense = causal SDPA",
+    }
+
+
+def cases(quick: bool) -> list[dict]:
+    if quick:
+        return [biformer_case(16, 4, 4), hip_case(512, 4, 64, 32), psa_case(512, 64, 64)]
+    return [biformer_case(64, 8, 4), hip_case(4096, 8, 64, 64), psa_case(4096, 64, 64)]
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with torch.no_grad():
+        for case in cases(args.quick):
+            times = {}
+            for label in ("run", "dense"):
+                fn = case[label]
+                fn()  # warm-up (compilation)
+                samples = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    fn()
+                    samples.append(time.perf_counter() - start)
+                times[label] = sorted(samples)[len(samples) // 2]
+            print(
+                f"{case['name']}: sparse {times['run'] * 1e3:.1f} ms, dense {times['dense'] * 1e3:.1f} ms, "
+                f"dense/sparse {times['dense'] / times['run']:.2f}x, block density {case['block_density']:.3f}, "
+                f"ideal {case['ideal_density']:.3f}"
+            )
