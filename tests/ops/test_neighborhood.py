@@ -200,7 +200,7 @@ def test_flex_tile_major_eager_and_compiled():
     for compile in (False, True):
         o = neighborhood_flex(
             x["q"], x["k"], x["v"], spatial=(16, 24), kernel_size=k, stride=s, dilation=d, causal=c,
-            scale=16**-0.5, extra_k=x["ek"], extra_v=x["ev"], block_size=64, compile=compile,
+            scale=16**-0.5, extra_k=x["ek"], extra_v=x["ev"], block_size=64, tile_major=True, compile=compile,
         )  # fmt: skip
         assert_close(f"flex compile={compile}", o, ref, torch.float32)
 

@@ -275,12 +275,19 @@ def token_coords(
     if tile is None:
         coords = []
         for size in reversed(spatial):
-            coords.append(idx % size)
-            idx = idx // size
+            if size & (size - 1) == 0:  # a power of two: shifts and masks, much cheaper in a flex kernel
+                coords.append(idx & (size - 1))
+                idx = idx >> (size.bit_length() - 1)
+            else:
+                coords.append(idx % size)
+                idx = idx // size
         return tuple(reversed(coords))
     tile_volume = math.prod(tile)
     grid = [s // t for s, t in zip(spatial, tile)]
-    inner, outer = idx % tile_volume, idx // tile_volume
+    if tile_volume & (tile_volume - 1) == 0:
+        inner, outer = idx & (tile_volume - 1), idx >> (tile_volume.bit_length() - 1)
+    else:
+        inner, outer = idx % tile_volume, idx // tile_volume
     tile_coords = token_coords(outer, grid)
     inner_coords = token_coords(inner, tile)
     return tuple(tile_coords[i] * tile[i] + inner_coords[i] for i in range(n))

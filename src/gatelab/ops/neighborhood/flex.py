@@ -7,6 +7,7 @@ import torch
 
 from gatelab.ops.common.flex import (
     BLOCK_SIZE,
+    block_density,
     cached_block_mask,
     from_tile_major,
     pick_tile,
@@ -18,25 +19,30 @@ from gatelab.ops.common.flex import (
 from .masks import visible_1d
 
 
-def make_mask_mod(spatial, kernel_size, stride, dilation, causal, tile):
+def make_mask_mod(spatial, kernel_size, stride, dilation, causal, tile, n_extra: int = 0):
     """mask_mod(b, h, q_idx, kv_idx) over tokens in row-major (tile None) or tile-major order; key indices
     at or past N = prod(spatial) are the additional global keys, visible to every query."""
     N = 1
     for size in spatial:
         N *= size
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        is_extra = kv_idx >= N
-        kv_map = torch.where(is_extra, 0, kv_idx)
+    def local(q_idx, kv_idx):
         q_crd = token_coords(q_idx, spatial, tile)
-        kv_crd = token_coords(kv_map, spatial, tile)
+        kv_crd = token_coords(kv_idx, spatial, tile)
         visible = None
         for i in range(len(spatial)):
             m = visible_1d(q_crd[i], kv_crd[i], spatial[i], kernel_size[i], stride[i], dilation[i], causal[i])
             visible = m if visible is None else visible & m
-        return visible | is_extra
+        return visible
 
-    return mask_mod
+    def mask_mod(b, h, q_idx, kv_idx):
+        return local(q_idx, kv_idx)
+
+    def mask_mod_with_extra(b, h, q_idx, kv_idx):
+        is_extra = kv_idx >= N
+        return local(q_idx, torch.where(is_extra, 0, kv_idx)) | is_extra
+
+    return mask_mod_with_extra if n_extra else mask_mod
 
 
 def neighborhood_block_mask(
@@ -48,12 +54,33 @@ def neighborhood_block_mask(
     key = ("neighborhood", spatial, kernel_size, stride, dilation, causal, n_extra, tile)
     return cached_block_mask(
         key,
-        lambda: make_mask_mod(spatial, kernel_size, stride, dilation, causal, tile),
+        lambda: make_mask_mod(spatial, kernel_size, stride, dilation, causal, tile, n_extra),
         N,
         N + n_extra,
         device,
         block_size,
     )
+
+
+def choose_tile(spatial, kernel_size, stride, dilation, causal, device, block_size, tile_major):
+    """The tile of the token order flex runs in, or None for row-major. Tile-major order keeps a 2D/3D
+    neighbourhood inside few blocks, but costs two permutations and a dearer mask_mod; on a narrow map
+    row-major blocks already span whole rows, so "auto" (None) keeps the order with fewer visited blocks."""
+    if tile_major is False or len(spatial) == 1:
+        return None
+    tile = pick_tile(spatial, block_size)
+    if tile is None or tile_major:
+        return tile
+    key = (spatial, kernel_size, stride, dilation, causal, str(device), block_size)
+    if key not in _TILE_CHOICE:
+        args = (spatial, kernel_size, stride, dilation, causal, 0, device, block_size)
+        row_major = block_density(neighborhood_block_mask(*args, None))
+        tiled = block_density(neighborhood_block_mask(*args, tile))
+        _TILE_CHOICE[key] = tile if tiled < 0.9 * row_major else None  # a clear win pays for the permutations
+    return _TILE_CHOICE[key]
+
+
+_TILE_CHOICE: dict = {}
 
 
 def neighborhood_flex(
@@ -70,12 +97,18 @@ def neighborhood_flex(
     extra_k=None,
     extra_v=None,
     block_size: int = BLOCK_SIZE,
-    tile_major: bool = True,
+    tile_major: bool | None = None,
     compile: bool | None = None,
 ):
     """q (B, *spatial, H, D), k (B, *spatial, Hkv, D), v (B, *spatial, Hkv, V); extra_k/extra_v
-    (B, X, Hkv, D/V) or None. Returns (B, *spatial, H, V)."""
-    tile = pick_tile(spatial, block_size) if tile_major and len(spatial) > 1 else None
+    (B, X, Hkv, D/V) or None. Returns (B, *spatial, H, V).
+
+    tile_major: True reorders a 2D/3D map into tiles of ``block_size`` tokens (when a tile divides the map),
+    False keeps row-major order, None picks the order whose block mask visits fewer blocks.
+    """
+    tile = choose_tile(
+        tuple(spatial), kernel_size, stride, dilation, causal, q.device, block_size, tile_major
+    )
     if tile is not None:
         qf, kf, vf = (to_tile_major(t, spatial, tile) for t in (q, k, v))  # (B, N, H, D)
     else:

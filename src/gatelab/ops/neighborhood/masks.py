@@ -22,17 +22,32 @@ import torch
 def visible_1d(
     x: torch.Tensor, y: torch.Tensor, L: int, k: int, s: int, d: int, causal: bool
 ) -> torch.Tensor:
-    """Whether query coordinate x may see key coordinate y along one axis (broadcasting int tensors)."""
-    group = x % d
-    xi, yi = x // d, y // d
-    group_length = (L - group + d - 1) // d  # L_g: members of the query's dilation group
-    same_group = (y % d) == group
+    """Whether query coordinate x may see key coordinate y along one axis (broadcasting int tensors).
+
+    The common cases (no dilation, no stride) are spelled with fewer integer ops: inside a compiled flex
+    kernel this function runs for every score of every partial block, and its cost dominates on CPU.
+    """
+    if d == 1:
+        xi, yi, group_length, same_group = x, y, L, None
+    else:
+        group = x % d
+        xi, yi = x // d, y // d
+        group_length = (L - group + d - 1) // d  # L_g: members of the query's dilation group
+        same_group = (y % d) == group
     if causal:
-        leader = torch.minimum((xi // s) * s + s - 1, group_length - 1)
-        return same_group & (yi <= xi) & (leader - yi < k)
-    leader = torch.minimum((xi // s) * s + s // 2, group_length - 1)
-    start = torch.minimum((leader - k // 2).clamp(min=0), group_length - k)  # shifted inward at both borders
-    return same_group & (yi >= start) & (yi < start + k)
+        if s == 1:
+            visible = (yi <= xi) & (xi - yi < k)
+        else:
+            leader = torch.clamp((xi // s) * s + s - 1, max=group_length - 1)
+            visible = (yi <= xi) & (leader - yi < k)
+    else:
+        leader = xi if s == 1 else torch.clamp((xi // s) * s + s // 2, max=group_length - 1)
+        if d == 1:
+            start = torch.clamp(leader - k // 2, 0, L - k)  # shifted inward at both borders
+        else:
+            start = torch.minimum((leader - k // 2).clamp(min=0), group_length - k)
+        visible = (yi >= start) & (yi < start + k)
+    return visible if same_group is None else visible & same_group
 
 
 def neighborhood_mask(
