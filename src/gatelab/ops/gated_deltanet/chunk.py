@@ -90,11 +90,13 @@ def gated_deltanet_chunk(
 
     S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     starts, new_values = [], []
-    for n in range(N):
+    # unbind, not u[:, :, n]: the backward of N slices would write N full-size zero gradients (O(N^2))
+    per_chunk = zip(u.unbind(2), w.unbind(2), k_to_end.transpose(-1, -2).unbind(2), chunk_decay.unbind(2))
+    for u_n, w_n, k_end_n, decay_n in per_chunk:
         starts.append(S)
-        v_new = u[:, :, n] - w[:, :, n] @ S  # (B, H, C, V)
+        v_new = u_n - w_n @ S  # (B, H, C, V)
         new_values.append(v_new)
-        S = S * chunk_decay[:, :, n] + k_to_end[:, :, n].transpose(-1, -2) @ v_new
+        S = S * decay_n + k_end_n @ v_new
     S_starts = torch.stack(starts, dim=2)  # (B, H, N, K, V)
     v_new = torch.stack(new_values, dim=2)  # (B, H, N, C, V)
 
