@@ -242,3 +242,20 @@ def test_mixer_gates_and_internals():
         mixer(x, state=object())
     with pytest.raises(ValueError, match="causal=False is not supported"):
         gatelab.make_mixer("gated_deltanet", d_model=32, n_heads=2, causal=False)
+
+
+def test_mixer_backends_agree():
+    x = torch.randn(2, 19, 32)
+    outputs = {}
+    for backend in ("chunk", "recurrent", "reference"):
+        torch.manual_seed(0)
+        mixer = gatelab.make_mixer(
+            "gated_deltanet", d_model=32, n_heads=2, chunk_size=8, backend=backend
+        ).eval()
+        with torch.no_grad():
+            outputs[backend] = mixer(x)
+    for backend in ("chunk", "recurrent"):
+        assert_close(f"mixer {backend}", outputs[backend][0], outputs["reference"][0], torch.float32)
+        assert_close(
+            f"mixer {backend} state", outputs[backend][1].state, outputs["reference"][1].state, torch.float32
+        )
