@@ -30,7 +30,7 @@ GATES = ("kv", "input", "none")
 class LinaConfig(MixerConfig):
     head_dim: int | None = None  # None: d_model // n_heads
     gate: str = "kv"  # "kv": LINA's per-(head, position) scales; "input": from x; "none"
-    max_len: int = 4096  # positions the "kv" gate has parameters for
+    max_len: int = 1024  # positions the "kv" gate has parameters for (the lab LM's default max_seq_len)
     feature_map: str = "relu"  # LINA's ReLU + 1e-6; "elu" (ELU + 1)
     eps: float = 1e-6
     chunk_size: int = 64

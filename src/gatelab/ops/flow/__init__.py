@@ -1,16 +1,4 @@
-"""Flow-Attention (Flowformer: Linearizing Transformers with Conservation Flows (Wu et al., 2022)): attention
-as flow from sources (keys) to sinks (queries) with conservation; competition among sources, allocation of sinks.
-
-With sigmoid features phi(q_t), phi(k_s) and n_t the tokens seen (causal; 1 in the bidirectional form):
-    I_t = n_t / (phi(q_t) + eps) . (sum_s phi(k_s) + eps)       incoming flow of sink t
-    O_s = n_s / (phi(k_s) + eps) . (sum_t phi(q_t) + eps)       outgoing flow of source s
-    I^_t = (phi(q_t) + eps) . (sum_s phi(k_s) O_s + eps) / n_t   conserved incoming flow
-    O^_s = clamp((phi(k_s) + eps) . (sum_t phi(q_t) I_t + eps) / n_s, -1, 1)   conserved outgoing flow
-    competition c_s = softmax over the sources of O^ times their number (causal: exp(O^_s) / sum_{r<=s}
-    exp(O^_r) * n_s), allocation a_t = sigmoid(I^_t),
-    o_t = a_t * (phi(q_t) I_t / n_t) sum_s phi(k_s)^T (c_s v_s)
-with every sum over s <= t when causal, as the official code (eps where it adds it, the clamp for stability).
-"""
+"""Flow-Attention (Flowformer: Linearizing Transformers with Conservation Flows (Wu et al., 2022))."""
 
 from __future__ import annotations
 
@@ -62,6 +50,22 @@ def flow(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, FlowState | None]:
     """Flow-Attention.
+
+    Attention as flow from sources (keys) to sinks (queries) with conservation, competition among the
+    sources and allocation of the sinks.
+
+    With sigmoid features phi(q_t), phi(k_s) and n_t the tokens seen (causal; 1 in the bidirectional form):
+        I_t = n_t / (phi(q_t) + eps) . (sum_s phi(k_s) + eps)       incoming flow of sink t
+        O_s = n_s / (phi(k_s) + eps) . (sum_t phi(q_t) + eps)       outgoing flow of source s
+        I^_t = (phi(q_t) + eps) . (sum_s phi(k_s) O_s + eps) / n_t   conserved incoming flow
+        O^_s = clamp((phi(k_s) + eps) . (sum_t phi(q_t) I_t + eps) / n_s, -1, 1)   conserved outgoing flow
+        competition c_s = softmax over the sources of O^ times their number (causal: exp(O^_s) / sum_{r<=s}
+        exp(O^_r) * n_s), allocation a_t = sigmoid(I^_t),
+        o_t = a_t * (phi(q_t) I_t / n_t) sum_s phi(k_s)^T (c_s v_s)
+    with every sum over s <= t when causal, as the official code (eps where it adds it, the clamp for stability).
+    Two variants in the official code: the core file's causal version divides the incoming flow by n_t with a
+    broadcast that only runs when T equals the head dim; its language-model version multiplies q by the raw
+    incoming flow, I_t / n_t, as here. That version clamps O^ to [-5, 5]; the core file's [-1, 1] is used here.
 
     Args:
         q, k: (B, T, H, K) queries and keys before the sigmoid feature map.

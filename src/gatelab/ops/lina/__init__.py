@@ -1,15 +1,5 @@
 """Linear attention with division-based normalisation and LINA's KV gate (LINA: Linear Autoregressive Image
-Generative Models with Continuous Tokens (Wang et al., 2026)).
-
-    o_t = phi(q_t) S_t / (phi(q_t) z_t + eps),  S_t = sum_s g^k_s phi(k_s)^T (g^v_s v_s),  z_t = sum_s g^k_s phi(k_s)^T
-
-with s <= t (causal) or over all T tokens (bidirectional). The KV gate, as in the paper's public code, multiplies
-the key features and the values by learned scalars per head and per token (``key_gate``, ``value_gate``),
-applied after the feature map, so the key gate weights a token in the numerator and the normaliser alike; the
-paper's gate is a data-independent parameter per (head, position), an input-dependent variant passes gates
-computed from the input. phi is LINA's ReLU + 1e-6 by default. LINA's code divides both sums by N (means
-instead of sums), which is this formula with eps * N in place of eps.
-"""
+Generative Models with Continuous Tokens (Wang et al., 2026))."""
 
 from __future__ import annotations
 
@@ -79,6 +69,16 @@ def lina(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalised linear attention with a KV gate.
+
+        o_t = phi(q_t) S_t / (phi(q_t) z_t + eps),
+        S_t = sum_s g^k_s phi(k_s)^T (g^v_s v_s),  z_t = sum_s g^k_s phi(k_s)^T
+
+    with s <= t (causal) or over all T tokens (bidirectional). The KV gate, as in the paper's public code,
+    multiplies the key features and the values by learned scalars per head and per token (``key_gate``,
+    ``value_gate``) after the feature map, so the key gate weights a token in the numerator and the normaliser
+    alike. The paper's gate is a data-independent parameter per (head, position); an input-dependent variant
+    passes gates computed from the input. phi is LINA's ReLU + 1e-6 by default. LINA's code divides both sums
+    by N (means instead of sums), which is this formula with eps * N in place of eps.
 
     Args:
         q, k: (B, T, H, K) queries and keys before the feature map.
