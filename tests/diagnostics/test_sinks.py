@@ -56,3 +56,15 @@ def test_bad_attention_shapes_raise(bad):
         first_token_share(bad)
     with pytest.raises(ValueError, match="attn"):
         attention_entropy(bad)
+
+
+def test_unnormalised_rows_are_shares_of_absolute_weight():
+    # a linear mixer's equivalent matrix: rows need not sum to 1 and may hold negative weights
+    attn = torch.tensor([[[[2.0, 0.0], [-1.0, 3.0]]]])  # (1, 1, 2, 2)
+    share = first_token_share(attn)
+    assert float(share[0]) == pytest.approx((1.0 + 0.25) / 2)
+    probs = causal_uniform(1, 1, 5)
+    torch.testing.assert_close(first_token_share(3 * probs), first_token_share(probs))
+    torch.testing.assert_close(attention_entropy(-2 * probs), attention_entropy(probs))
+    zero = torch.zeros(1, 1, 3, 3)
+    assert float(first_token_share(zero)[0]) == 0.0 and float(attention_entropy(zero)[0]) == 0.0

@@ -10,9 +10,10 @@ from pathlib import Path
 from gatelab.cli import command
 
 
-def find_model_dirs(path: str | Path) -> list[Path]:
+def find_model_dirs(path: str | Path, pattern: str = "*") -> list[Path]:
     """Model folders under ``path``: itself if it holds config.json + model.safetensors, else those in
-    ``path/models/*`` (a compare run) or ``path/*``; a clear error when there are none."""
+    ``path/models/`` (a compare run) or ``path/`` whose names match ``pattern``; a clear error when there
+    are none."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or model folder")
@@ -23,17 +24,20 @@ def find_model_dirs(path: str | Path) -> list[Path]:
     if is_model(path):
         return [path]
     for parent in (path / "models", path):
-        found = sorted(p for p in parent.glob("*") if p.is_dir() and is_model(p)) if parent.is_dir() else []
+        found = (
+            sorted(p for p in parent.glob(pattern) if p.is_dir() and is_model(p)) if parent.is_dir() else []
+        )
         if found:
             return found
     raise FileNotFoundError(
-        f"{path} holds no saved model: expected config.json and model.safetensors in it, or model folders "
-        "in its models/ (as gatelab compare writes)"
+        f"{path} holds no saved model matching {pattern!r}: expected config.json and model.safetensors in it, "
+        "or model folders in its models/ (as gatelab compare writes)"
     )
 
 
-def task_of(model_dir: Path, override: str | None):
-    """The task a model was trained on, from the train_summary.json the trainer wrote next to it."""
+def task_of(model_dir: Path, override: str | None, cache: dict | None = None):
+    """The task a model was trained on, from the train_summary.json the trainer wrote next to it
+    (built once per distinct task and options when ``cache`` is given)."""
     from gatelab.tasks import make_task
 
     summary_path = model_dir / "train_summary.json"
@@ -46,7 +50,11 @@ def task_of(model_dir: Path, override: str | None):
             options = summary.get("task_options") or {}
     if name is None:
         raise ValueError(f"{model_dir}: no train_summary.json says which task it was trained on; give --task")
-    return make_task(name, **options)
+    cache = {} if cache is None else cache
+    key = (name, json.dumps(options, sort_keys=True, default=str))
+    if key not in cache:
+        cache[key] = make_task(name, **options)
+    return cache[key]
 
 
 def _fmt(value, spec: str) -> str:
@@ -97,6 +105,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task", default=None, help="task to evaluate on (default: the one it was trained on)"
     )
+    parser.add_argument(
+        "--models", default="*", help="in a run folder, only model folders matching this glob"
+    )
     parser.add_argument("--batches", type=int, default=4, help="validation batches (default 4)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation batches")
@@ -121,10 +132,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console = Console()
     if console.width < 160 and not console.is_terminal:
         console = Console(width=160)
-    everything = {}
-    for model_dir in find_model_dirs(args.run):
+    everything, tasks = {}, {}
+    for model_dir in find_model_dirs(args.run, args.models):
         model = LM.load(model_dir, device=args.device)
-        task = task_of(model_dir, args.task)
+        task = task_of(model_dir, args.task, tasks)
         if task.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"{model_dir}: task {task.name!r} has vocab_size {task.vocab_size}, the model only "

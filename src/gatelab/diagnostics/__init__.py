@@ -6,9 +6,16 @@ from .activations import kurtosis, massive_activation_stats, sequence_outlier_st
 from .collect import diagnose, summarize
 from .gates import gate_statistics
 from .quant import fake_quantize_int8, lm_loss, w8a8, w8a8_loss
-from .sinks import attention_entropy, first_token_share, uniform_entropy, uniform_first_token_share
+from .sinks import (
+    as_distribution,
+    attention_entropy,
+    first_token_share,
+    uniform_entropy,
+    uniform_first_token_share,
+)
 
 __all__ = [
+    "as_distribution",
     "attention_entropy",
     "diagnose",
     "fake_quantize_int8",

@@ -18,18 +18,26 @@ def _check_attn(attn: torch.Tensor) -> None:
         )
 
 
+def as_distribution(attn: torch.Tensor) -> torch.Tensor:
+    """Rows as distributions over keys: |A| / sum_s |A| (fp32). A no-op for softmax probabilities; for a
+    linear mixer's equivalent T x T matrix (unnormalised, possibly negative) it gives each key's share of
+    the row's total absolute weight. An all-zero row stays zero."""
+    a = attn.float().abs()
+    return a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def first_token_share(attn: torch.Tensor) -> torch.Tensor:
     """Share of attention that goes to the first key (the attention sink), per head.
 
     Args:
-        attn: (B, H, T, S) attention probabilities, each row summing to 1 (S >= T; keys bottom-right
-            aligned, so with S == T query t sees keys 0..t).
+        attn: (B, H, T, S) attention probabilities (S >= T; keys bottom-right aligned, so with S == T
+            query t sees keys 0..t); rows that are not distributions go through :func:`as_distribution`.
     Returns:
         (H,) fp32: attn[b, h, t, 0] averaged over the batch and every query position t (t = 0 included,
         where the share is 1 for any causal mechanism; :func:`uniform_first_token_share` counts it too).
     """
     _check_attn(attn)
-    return attn[..., 0].float().mean(dim=(0, 2))
+    return as_distribution(attn)[..., 0].mean(dim=(0, 2))
 
 
 def uniform_first_token_share(T: int, S: int | None = None) -> float:
@@ -48,13 +56,13 @@ def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of each query's attention distribution, per head.
 
     Args:
-        attn: (B, H, T, S) attention probabilities.
+        attn: (B, H, T, S) attention probabilities (rows go through :func:`as_distribution`).
     Returns:
         (H,) fp32: -sum_s p log p (with 0 log 0 = 0), averaged over the batch and the query positions.
         A head that looks at one key has entropy 0; see :func:`uniform_entropy` for the other end.
     """
     _check_attn(attn)
-    p = attn.float()
+    p = as_distribution(attn)
     plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
     return (-plogp.sum(dim=-1)).mean(dim=(0, 2))
 

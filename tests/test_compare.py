@@ -1,0 +1,172 @@
+"""`gatelab compare` end to end on the quick preset (every causal mixer in the registry), `gatelab inspect`
+on what it saved, and the clear errors for bad arguments."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("gatelab.train")
+pytest.importorskip("gatelab.models.lm")
+
+from gatelab.cli import main  # noqa: E402
+from gatelab.commands.compare import check_memory, select_mixers  # noqa: E402
+from gatelab.presets import PRESETS  # noqa: E402
+from gatelab.registry import list_mechanisms  # noqa: E402
+
+PNGS = ("loss_curves", "mqar_accuracy", "sink_share", "max_activation", "speed")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    try:  # --steps 3: a test-only cut of the quick preset's budget, to keep the suite fast
+        rc = main(
+            [
+                "compare",
+                "--preset",
+                "quick",
+                "--steps",
+                "3",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+                "--name",
+                "smoke",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return rc, out / "smoke"
+
+
+def test_quick_compare_runs_every_causal_mixer(quick_run):
+    rc, run_dir = quick_run
+    results = json.loads((run_dir / "results.json").read_text())
+    causal = {s.key for s in list_mechanisms(causal=True)}
+    mixers = results["config"]["mixers"]
+    assert set(mixers) == causal
+    preferred = [k for k in ("softmax", "gated_softmax", "clipped_softmax") if k in causal]
+    assert mixers[: len(preferred)] == preferred
+    assert results["config"]["tasks"] == ["mqar", "text", "idle"]
+    assert len(results["runs"]) == len(mixers) * 3
+    failed = [(r["mixer"], r["task"], r.get("error")) for r in results["runs"] if r["status"] != "ok"]
+    assert not failed and rc == 0, failed
+    assert results["environment"]["torch"] == torch.__version__ and results["environment"]["device"] == "cpu"
+    assert results["tasks"]["text"]["vocab_size"] == 256
+    for run in results["runs"]:
+        assert math.isfinite(run["final"]["loss"]) and run["tokens_per_s"] > 0 and run["params"] > 0
+        assert [r["step"] for r in run["history"] if r["split"] == "train"] == [1, 2, 3]
+        diag = run["diagnostics"]
+        assert (
+            len(diag["layers"]) == 2 and len(diag["max_activation"]) == 3 and len(diag["block_inf_norm"]) == 2
+        )
+        assert diag["summary"]["w8a8_gap"] is not None
+        assert (run_dir / run["model_dir"] / "model.safetensors").is_file()
+        if run["mixer"] == "softmax":  # plain attention always exposes its probabilities
+            assert all(0 < s <= 1 for s in diag["sink_share_layer"])
+            assert diag["gate_mean"] == [None, None]
+    text_run = next(r for r in results["runs"] if r["task"] == "text")
+    assert text_run["task_info"] == results["tasks"]["text"]
+    agg = results["aggregate"]
+    assert set(agg) == {"mqar", "text", "idle"} and set(agg["mqar"]) == set(mixers)
+
+
+def test_quick_compare_writes_report_and_plots(quick_run):
+    _, run_dir = quick_run
+    report = (run_dir / "report.md").read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    for task in ("mqar", "text", "idle"):
+        assert f"## {task} (" in report
+    for mixer in results["config"]["mixers"]:
+        assert report.count(f"| {mixer} |") == 3
+    for name in PNGS:
+        png = (run_dir / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+        assert f"]({name}.png)" in report
+
+
+def test_inspect_prints_the_diagnostics_of_saved_models(quick_run, capsys):
+    _, run_dir = quick_run
+    model_dir = run_dir / "models" / "softmax__mqar__seed0"
+    capsys.readouterr()
+    assert main(["inspect", str(model_dir), "--batches", "1", "--batch-size", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (result,) = data.values()
+    assert result["layers"] == ["softmax", "softmax"] and result["n_sequences"] == 4
+    assert result["sink_share_uniform"] == pytest.approx(sum(1 / (t + 1) for t in range(32)) / 32)
+    assert (
+        main(
+            [
+                "inspect",
+                str(run_dir),
+                "--models",
+                "softmax__*",
+                "--batches",
+                "1",
+                "--batch-size",
+                "2",
+                "--no-quant",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    for task in ("mqar", "text", "idle"):
+        assert f"softmax__{task}__seed0 on {task}" in out
+    assert "sink share" in out and "gated_softmax__" not in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mixers", "softmax,nope"], "unknown mixer 'nope'"),
+        (["--tasks", "mqar,poetry"], "unknown task 'poetry'"),
+        (["--tasks", "text", "--corpus", "/no/such/corpus"], "no such file"),
+        (["--steps", "0"], "--steps must be a positive int"),
+        (["--batch-size", "100000000"], "GiB"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nodevice"], "--device"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(args, message, tmp_path, capsys):
+    assert main(["compare", "--preset", "quick", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*/models/*"))  # refused before any training
+
+
+def test_unknown_preset_and_empty_inspect_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--preset", "huge"])
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "holds no saved model" in capsys.readouterr().err
+
+
+def test_preset_mixers_missing_from_the_registry_are_reported_not_run():
+    preset = PRESETS["quick"].replace(mixers=("softmax", "not_yet_written"))
+    mixers, skipped = select_mixers(None, preset)
+    assert mixers == ["softmax"] and skipped == {"not_yet_written": "not in the registry"}
+
+
+def test_memory_check_refuses_sizes_that_do_not_fit():
+    from gatelab.tasks import make_task
+
+    task = make_task("mqar", vocab_size=64, seq_len=32, num_kv_pairs=4)
+    check_memory(PRESETS["quick"], task, "cpu", available=2**30)
+    with pytest.raises(ValueError, match="lower --batch-size"):
+        check_memory(PRESETS["quick"], task, "cpu", available=2**20)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_fit_their_tasks(name):
+    from gatelab.tasks import make_task
+
+    preset = PRESETS[name]
+    for task_name in preset.tasks:
+        options = dict(preset.task_options[task_name])
+        options.pop("max_bytes", None)
+        if task_name != "text":
+            task = make_task(task_name, **options)
+            assert task.seq_len == options["seq_len"]
