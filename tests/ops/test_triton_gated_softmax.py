@@ -8,18 +8,35 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+from gatelab import ops
+from gatelab.ops.gated_softmax.reference import gated_softmax_reference
+from gatelab.testing import compare_grads, nan_poison
 
-triton = pytest.importorskip("triton", reason="triton is not installed; the Triton kernels cannot be tested")
-
-from gatelab import ops  # noqa: E402
-from gatelab.ops.gated_softmax.reference import gated_softmax_reference  # noqa: E402
-from gatelab.ops.gated_softmax.triton import gated_softmax_triton  # noqa: E402
-from gatelab.testing import compare_grads, nan_poison  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = DEVICE == "cpu"
+# The kernels are built as interpreted functions when TRITON_INTERPRET=1 at their import; the variable is
+# then removed again so that backend="auto" in the rest of the suite keeps choosing the CPU paths, and it
+# is set only while these tests run (see _interpreter).
+_saved = os.environ.get("TRITON_INTERPRET")
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip(
+        "triton", reason="triton is not installed; the Triton kernels cannot be tested"
+    )
+    from gatelab.ops.gated_softmax.triton import gated_softmax_triton
+finally:
+    if INTERPRET and _saved is None:
+        del os.environ["TRITON_INTERPRET"]
 
 pytestmark = pytest.mark.triton
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 # (B, T, S, H, Hkv, D, gate width, gate_fn, causal): awkward lengths, D=60 (masked to 64), GQA,
 # decoding (T=1 with a cache, bottom-right causal), headwise and elementwise gates, both activations.

@@ -27,3 +27,12 @@ def dot(a, b, PRECISION: tl.constexpr):
     if PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_f32(a, b, PRECISION: tl.constexpr):
+    """tl.dot on operands widened to fp32 (TF32 tensor cores for low-precision inputs on a GPU): for
+    products whose rounding to bf16 would be amplified later, e.g. by a cancellation."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
