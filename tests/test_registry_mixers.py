@@ -2,7 +2,9 @@
 
 parallel == prefill + token-by-token decode; causal mixers do not look ahead; internals come out when
 asked; bad input raises a clear error. A mechanism can pass small build options for these tests
-through ``MechanismSpec.extra["test_options"]``.
+through ``MechanismSpec.extra["test_options"]``. Vision (spatial) mixers declare
+``extra={"spatial_dims": 1|2|3}``: they take (B, *spatial, C) maps, skip the sequence tests and are driven by
+the spatial test instead (map size from ``extra["test_spatial_shape"]``, default 6 x 7 in 2D).
 """
 
 import pytest
@@ -12,7 +14,9 @@ import gatelab
 from gatelab.testing import assert_close
 
 SPECS = gatelab.list_mechanisms()
-MIXERS = [s for s in SPECS if s.family != "gate"]
+ALL_MIXERS = [s for s in SPECS if s.family != "gate"]
+MIXERS = [s for s in ALL_MIXERS if "spatial_dims" not in s.extra]  # sequence mixers, (B, T, C)
+SPATIAL = [s for s in ALL_MIXERS if "spatial_dims" in s.extra]  # vision mixers, (B, *spatial, C)
 CAUSAL = [s for s in MIXERS if s.causal]
 BIDIRECTIONAL = [s for s in MIXERS if s.bidirectional]
 
@@ -98,3 +102,32 @@ def test_unknown_key_and_option():
         gatelab.make_mixer("softmax", d_model=64, n_heads=4, not_an_option=1)
     with pytest.raises(ValueError, match="divisible"):
         gatelab.make_mixer("softmax", d_model=65, n_heads=4)
+
+
+def _spatial_shape(spec):
+    default = {1: (9,), 2: (6, 7), 3: (4, 5, 6)}[spec.extra["spatial_dims"]]
+    return tuple(spec.extra.get("test_spatial_shape", default))
+
+
+@pytest.mark.parametrize("spec", SPATIAL, ids=lambda s: s.key)
+def test_spatial_mixer(spec):
+    mixer = build(spec).train()
+    spatial = _spatial_shape(spec)
+    x = torch.randn(2, *spatial, 64, requires_grad=True)
+    y, _state, internals = mixer(x, return_internals=True)
+    assert y.shape == x.shape and isinstance(internals, dict)
+    if "attn" in internals:
+        attn = internals["attn"]
+        N = x[0, ..., 0].numel()
+        assert attn.shape[-2] == N and torch.isfinite(attn).all()
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None, f"{spec.key}: parameter {name} gets no gradient"
+    # bad input: wrong channels, a sequence instead of a map, integer tensors
+    with pytest.raises(ValueError, match="d_model"):
+        mixer(torch.randn(2, *spatial, 63))
+    with pytest.raises(ValueError):
+        mixer(torch.randn(2, *spatial[:-1], 64) if len(spatial) > 1 else torch.randn(2, 64))
+    with pytest.raises(TypeError):
+        mixer(torch.ones(2, *spatial, 64, dtype=torch.long))
