@@ -223,6 +223,13 @@ def test_mixer_gates_and_limits():
         attn_out = torch.einsum("bhts,bshd->bthd", internals["attn"], mixer.v_proj(x).view(2, 12, 2, 16))
         assert_close(f"{gate} attn", mixer.o_proj(attn_out.reshape(2, 12, 32)), y)
         assert state.state.shape == (2, 2, 16, 17) and state.length == 12
+        with torch.no_grad():  # prefill then token by token == one pass, for every gate
+            y_prefix, state = mixer(x[:, :5])
+            steps = [y_prefix]
+            for t in range(5, 12):
+                y_t, state = mixer(x[:, t : t + 1], state=state)
+                steps.append(y_t)
+        assert_close(f"{gate} decode", torch.cat(steps, dim=1), y.detach())
     with pytest.raises(ValueError, match="max_len=16"):
         mixer = gatelab.make_mixer("lina", d_model=32, n_heads=2, max_len=16)
         _, state = mixer(x)

@@ -83,7 +83,8 @@ def lina(
     Args:
         q, k: (B, T, H, K) queries and keys before the feature map.
         v: (B, T, H, V) values.
-        key_gate, value_gate: (B, T, H) scales on phi(k_t) and v_t per head and token; None means 1.
+        key_gate, value_gate: (B, T, H) scales on phi(k_t) and v_t per head and token; None means 1. Used as
+            given, as LINA's unconstrained parameters: negative key gates can drive the normaliser to 0.
         causal: token t sees s <= t; False is the bidirectional (encoder / vision) form, which has no state.
         feature_map: phi, "relu" (ReLU + 1e-6, LINA's), "elu" (ELU + 1) or "identity" (already non-negative).
         eps: added to the normaliser phi(q_t) z_t.
