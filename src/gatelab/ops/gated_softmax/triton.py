@@ -223,10 +223,32 @@ def _bwd_dq_kernel(
              mask=m_m[:, None] & m_d[None, :])  # fmt: skip
 
 
-def _blocks(D: int, DV: int) -> tuple[int, int, int, int]:
+def _configs(x: torch.Tensor, D: int, DV: int) -> tuple[int, int, dict]:
+    """(BD, BV, launch options per kernel). The GPU blocks follow the shapes of the Triton
+    FlashAttention tutorial for Hopper and are not yet tuned; the interpreter takes 16 x 16 blocks."""
     BD, BV = triton.next_power_of_2(max(D, 16)), triton.next_power_of_2(max(DV, 16))
-    big = max(BD, BV) > 128
-    return (64 if big else 128), (32 if big else 64), BD, BV  # BM, BN
+    if not x.is_cuda:
+        tiny = dict(BM=16, BN=16)
+        return BD, BV, {"fwd": tiny, "dkdv": tiny, "dq": tiny}
+    if max(BD, BV) > 128:  # fewer rows per block keeps the tiles in registers
+        return (
+            BD,
+            BV,
+            {
+                "fwd": dict(BM=64, BN=32, num_warps=4, num_stages=2),
+                "dkdv": dict(BM=16, BN=64, num_warps=4, num_stages=2),
+                "dq": dict(BM=64, BN=16, num_warps=4, num_stages=2),
+            },
+        )
+    return (
+        BD,
+        BV,
+        {
+            "fwd": dict(BM=128, BN=64, num_warps=8, num_stages=3),
+            "dkdv": dict(BM=32, BN=128, num_warps=8, num_stages=3),
+            "dq": dict(BM=128, BN=32, num_warps=8, num_stages=3),
+        },
+    )
 
 
 class _GatedSoftmaxFunction(torch.autograd.Function):
@@ -236,9 +258,8 @@ class _GatedSoftmaxFunction(torch.autograd.Function):
         S, Hk, DV = k.shape[1], k.shape[2], v.shape[3]
         q, k, v, gate = (x.contiguous() for x in (q, k, v, gate))
         headwise = gate.shape[3] == 1
-        BM, BN, BD, BV = _blocks(D, DV)
-        if not q.is_cuda:  # the interpreter: small blocks keep the tests quick
-            BM, BN = 16, 16
+        BD, BV, configs = _configs(q, D, DV)
+        BM = configs["fwd"]["BM"]
         o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
         save_ungated = gate_fn == "silu"
         o_ungated = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device) if save_ungated else o
@@ -246,17 +267,18 @@ class _GatedSoftmaxFunction(torch.autograd.Function):
         grid = (triton.cdiv(T, BM), B * H)
         _fwd_kernel[grid](
             q, k, v, gate, o, o_ungated, lse, T, S, H, H // Hk, D, DV, H, scale * LOG2E,
-            BM=BM, BN=BN, BD=BD, BV=BV, CAUSAL=causal, HEADWISE=headwise, GATE_FN=gate_fn,
-            SAVE_UNGATED=save_ungated, PRECISION=dot_precision(q),
+            BD=BD, BV=BV, CAUSAL=causal, HEADWISE=headwise, GATE_FN=gate_fn,
+            SAVE_UNGATED=save_ungated, PRECISION=dot_precision(q), **configs["fwd"],
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, gate, o, o_ungated if save_ungated else None, lse)
-        ctx.options = (causal, scale, gate_fn, BM, BN, BD, BV)
+        ctx.options = (causal, scale, gate_fn, BD, BV, configs)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, gate, o, o_ungated, lse = ctx.saved_tensors
-        causal, scale, gate_fn, BM, BN, BD, BV = ctx.options
+        causal, scale, gate_fn, BD, BV, configs = ctx.options
+        BM = configs["fwd"]["BM"]
         B, T, H, D = q.shape
         S, Hk, DV = k.shape[1], k.shape[2], v.shape[3]
         G = H // Hk
@@ -274,10 +296,10 @@ class _GatedSoftmaxFunction(torch.autograd.Function):
         dv = torch.empty(B, S, H, DV, dtype=q.dtype if G == 1 else torch.float32, device=q.device)
         common = dict(BD=BD, BV=BV, CAUSAL=causal, PRECISION=dot_precision(q))
         args = (T, S, H, G, D, DV, scale * LOG2E, scale)
-        _bwd_dkdv_kernel[(triton.cdiv(S, BN), B * H)](q, k, v, do_ungated, lse, delta, dk, dv, *args,
-                                                      BM=BM, BN=BN, **common)  # fmt: skip
-        _bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](q, k, v, do_ungated, lse, delta, dq, *args,
-                                                    BM=BM, BN=BN, **common)  # fmt: skip
+        grid = (triton.cdiv(S, configs["dkdv"]["BN"]), B * H)
+        _bwd_dkdv_kernel[grid](q, k, v, do_ungated, lse, delta, dk, dv, *args, **common, **configs["dkdv"])
+        grid = (triton.cdiv(T, configs["dq"]["BM"]), B * H)
+        _bwd_dq_kernel[grid](q, k, v, do_ungated, lse, delta, dq, *args, **common, **configs["dq"])
         if G > 1:  # GQA: each key/value head collects the gradients of its group of query heads
             dk = dk.view(B, S, Hk, G, D).sum(3).to(k.dtype)
             dv = dv.view(B, S, Hk, G, DV).sum(3).to(v.dtype)
