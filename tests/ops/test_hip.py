@@ -111,3 +111,42 @@ def test_errors():
         hip(q, k[:, :4], v[:, :4])
     with pytest.raises(RuntimeError, match="no backward on CPU"):
         hip(q.requires_grad_(), k, v, backend="flex")
+
+
+def test_mixer_plugs_into_a_pretrained_softmax_layer():
+    """Training-free: a softmax layer's weights load into the HiP mixer as they are; at full budget it is
+    the same layer, with a small budget it prunes."""
+    import gatelab
+
+    torch.manual_seed(0)
+    dense = gatelab.make_mixer("softmax", d_model=32, n_heads=2).eval()
+    x = torch.randn(2, 40, 32)
+    for topk, same in ((64, True), (1, False)):
+        sparse = gatelab.make_mixer(
+            "hip", d_model=32, n_heads=2, topk=topk, block_size_k=4, sinks=0, window=1
+        ).eval()
+        sparse.load_state_dict(dense.state_dict())
+        with torch.no_grad():
+            y_sparse, y_dense = sparse(x)[0], dense(x)[0]
+        if same:
+            assert_close("hip at full budget == softmax layer", y_sparse, y_dense)
+        else:
+            assert (y_sparse - y_dense).abs().max() > 1e-3
+
+
+def test_hip_and_psa_in_the_lm_decode_like_the_parallel_pass():
+    from gatelab.models.lm import LM, LMConfig
+
+    options = {"hip": {"topk": 2, "block_size_k": 4, "sinks": 1, "window": 2}, "psa": {"block_size_k": 8}}
+    lm = LM(
+        LMConfig(d_model=32, n_heads=2, n_layers=2, pattern="hip,psa", mixer_options=options, seed=0)
+    ).eval()
+    idx = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        logits, _ = lm(idx)
+        step_logits, states = lm(idx[:, :10])
+        steps = [step_logits]
+        for t in range(10, 30):
+            out, states = lm(idx[:, t : t + 1], states)
+            steps.append(out)
+    assert_close("LM decode", torch.cat(steps, dim=1), logits)

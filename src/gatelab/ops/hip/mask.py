@@ -2,7 +2,7 @@
 
 A Training-Free Sub-quadratic Cost Transformer Model Serving Framework With Hierarchically Pruned Attention
 (Lee et al., 2024), section 3. The candidate key blocks are first split into ``topk`` contiguous groups;
-each iteration halves every group, scores each half by one representative key block (its middle one) and
+each iteration halves every group, scores each half by one representative key (its middle token) and
 keeps the ``topk`` best halves. After log2(n / topk) iterations every group is one key block: the mask.
 Cost per query block: O(topk * log(S / block_size_k)) representative scores, so O(T log T) in all.
 """
@@ -17,25 +17,25 @@ def query_positions(Tq: int, S: int, causal: bool, device) -> torch.Tensor:
     return torch.arange(Tq, device=device) + (S - Tq if causal else 0)
 
 
-def _representative_scores(qb, kf, rep, pos_blocks, block_k, causal, scale):
-    """Score of key block ``rep`` for each query block: max over its (query, key) pairs of q.k * scale.
+def _representative_scores(qb, kf, lo, hi, last, pos_blocks, block_k, causal, scale):
+    """Score of each group of key blocks [lo, hi) for each query block: the best q.k * scale of the block's
+    queries against one representative key, the middle token of the group (HiP scores a branch by one
+    token, so a round costs O(topk) dot products per query instead of O(topk * block_size_k)).
 
-    qb (B, H, nQ, bq, D) fp32 queries per block (NaN-free, padded rows masked by pos_blocks < 0);
-    kf (B, H, S, D) fp32; rep (B, H, nQ, m) key-block indices (-1: empty) -> (B, H, nQ, m) fp32.
+    qb (B, H, nQ, bq, D) fp32 queries per block (padded rows masked by pos_blocks < 0); kf (B, H, S, D)
+    fp32; lo, hi (B, H, nQ, m) block ranges; last (nQ,) last query position -> (B, H, nQ, m) fp32.
     """
     B, H, S, D = kf.shape
-    offsets = torch.arange(block_k, device=kf.device)
-    tokens = rep.clamp(min=0)[..., None] * block_k + offsets  # (B, H, nQ, m, bk)
-    valid = (tokens < S) & (rep[..., None] >= 0)
-    flat = tokens.clamp(max=S - 1).flatten(2)  # (B, H, nQ * m * bk)
-    gathered = kf.gather(2, flat[..., None].expand(-1, -1, -1, D)).view(
-        *tokens.shape, D
-    )  # (B, H, nQ, m, bk, D)
-    scores = torch.einsum("bhnid,bhnmkd->bhnmik", qb, gathered) * scale  # (B, H, nQ, m, bq, bk)
-    ok = valid[:, :, :, :, None, :] & (pos_blocks >= 0)[:, :, :, None, :, None]
+    token = (lo + hi) * block_k // 2  # (B, H, nQ, m) middle token of the group
+    token = token.clamp(max=S - 1)
     if causal:
-        ok = ok & (tokens[:, :, :, :, None, :] <= pos_blocks[:, :, :, None, :, None])
-    return scores.masked_fill(~ok, float("-inf")).amax(dim=(-1, -2))
+        token = torch.minimum(token, last[:, None])  # visible to the block's last query
+    gathered = kf.gather(2, token.flatten(2)[..., None].expand(-1, -1, -1, D)).view(*token.shape, D)
+    scores = torch.einsum("bhnid,bhnmd->bhnmi", qb, gathered) * scale  # (B, H, nQ, m, bq)
+    ok = (pos_blocks >= 0)[:, :, :, None, :]
+    if causal:
+        ok = ok & (token[..., None] <= pos_blocks[:, :, :, None, :])
+    return scores.masked_fill(~ok, float("-inf")).amax(dim=-1)
 
 
 @torch.no_grad()
@@ -78,8 +78,7 @@ def hip_select(
         c_lo = torch.cat([lo, mid], dim=-1)  # (B, H, nQ, 2 topk)
         c_hi = torch.cat([mid, hi], dim=-1)
         nonempty = c_hi > c_lo
-        rep = torch.where(nonempty, (c_lo + c_hi - 1) // 2, -1)  # the middle block represents the half
-        score = _representative_scores(qb, kf, rep, pos_blocks, bk, causal, scale)
+        score = _representative_scores(qb, kf, c_lo, c_hi, last, pos_blocks, bk, causal, scale)
         score = score.masked_fill(~nonempty, float("-inf"))
         keep = score.topk(topk, dim=-1).indices  # (B, H, nQ, topk)
         lo, hi = c_lo.gather(-1, keep), c_hi.gather(-1, keep)
