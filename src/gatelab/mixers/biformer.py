@@ -17,7 +17,7 @@ import torch.nn as nn
 from gatelab.ops.biformer import BACKENDS, biformer, route
 from gatelab.ops.biformer.reference import biformer_reference
 from gatelab.ops.biformer.routing import region_grid
-from gatelab.registry import MechanismSpec
+from gatelab.registry import MechanismSpec, register
 
 from ._base import Mixer, MixerConfig, check_positive
 
@@ -111,16 +111,22 @@ class BiformerAttention(Mixer):
                 nn.init.zeros_(lin.bias)
 
 
-SPEC = MechanismSpec(
-    key="biformer",
-    family="sparse",
-    config_cls=BiformerConfig,
-    module_cls=BiformerAttention,
-    op=biformer,
-    backends=BACKENDS,
-    causal=False,
-    bidirectional=True,
-    paper="BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., 2023)",
-    notes="vision mixer on (B, H, W, C) maps; LCE = depthwise conv on v",
-    extra={"spatial_dims": 2, "test_options": {"regions": 2, "topk": 2, "lce_kernel": 3}},
+register(
+    MechanismSpec(
+        key="biformer",
+        family="sparse",
+        config_cls=BiformerConfig,
+        module_cls=BiformerAttention,
+        op=biformer,
+        backends=BACKENDS,
+        causal=False,
+        bidirectional=True,
+        paper="BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., 2023)",
+        notes="vision mixer on (B, H, W, C) maps; LCE = depthwise conv on v",
+        extra={
+            "spatial_dims": 2,
+            "test_spatial_shape": (6, 8),
+            "test_options": {"regions": 2, "topk": 2, "lce_kernel": 3},
+        },
+    )
 )
