@@ -170,3 +170,21 @@ def test_presets_fit_their_tasks(name):
         if task_name != "text":
             task = make_task(task_name, **options)
             assert task.seq_len == options["seq_len"]
+
+
+def test_task_overrides_and_command_line_overrides():
+    from gatelab.commands.compare import apply_overrides
+
+    preset = PRESETS["reproduce"]
+    assert preset.for_task("mqar").n_layers == 2 and preset.for_task("idle").n_layers == 4
+    assert preset.for_task("text").steps == 1200 and preset.for_task("idle").steps == preset.steps
+    mixers, _ = select_mixers(None, preset.for_task("mqar"))
+    assert "gated_deltanet" in mixers or "gated_deltanet" not in {s.key for s in list_mechanisms()}
+    cut = apply_overrides(preset, steps=7, batch_size=None, seeds=1)
+    for task in preset.tasks:  # --steps wins over every task's own step count; sizes stay per task
+        assert cut.for_task(task).steps == 7 and cut.for_task(task).eval_every == 7
+    assert cut.for_task("mqar").n_layers == 2 and cut.seeds == 1
+    with pytest.raises(ValueError, match="--batch-size must be a positive int"):
+        apply_overrides(preset, batch_size=0)
+    with pytest.raises(ValueError, match="unknown fields"):
+        preset.replace(task_overrides={"mqar": {"stepz": 3}})

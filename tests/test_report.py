@@ -59,7 +59,8 @@ def results():
         "mixers": ["softmax", "gla"],
         "tasks": ["mqar", "text"],
     }
-    config.update(seeds=[0, 1], n_layers=2, d_model=8, n_heads=2, steps=10, batch_size=4, lr=1e-3)
+    budget = dict(n_layers=2, d_model=8, n_heads=2, steps=10, batch_size=4, lr=1e-3)
+    config.update(seeds=[0, 1], task_config={"mqar": budget, "text": {**budget, "n_layers": 4}}, **budget)
     env = {"machine": "test", "device": "cpu", "torch": "x", "threads": 1}
     return {"name": "t", "config": config, "environment": env, "tasks": {}, "runs": runs, "wall_s": 1.0}
 
@@ -108,6 +109,7 @@ def test_write_report_writes_strict_json_plots_and_markdown(results, tmp_path):
     report = paths["report"].read_text()
     for name in ("loss_curves", "mqar_accuracy", "sink_share", "max_activation", "speed"):
         assert f"]({name}.png)" in report
+    assert "2 layers, d_model 8, 2 heads; 10 steps of batch 4" in report and "4 layers, d_model 8" in report
     table_lines = [ln for ln in report.splitlines() if ln.startswith("| softmax |")]
     assert len(table_lines) == 2 and "1.100 ± 0.141" in table_lines[0]
     n_columns = report.splitlines()[

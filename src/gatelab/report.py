@@ -201,8 +201,7 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
         "",
         f"Preset `{config['preset']}`: {config.get('description', '')}.",
         "",
-        f"- model: {config['n_layers']} layers, d_model {config['d_model']}, {config['n_heads']} heads; "
-        f"{config['steps']} steps of batch {config['batch_size']}, lr {config['lr']}; "
+        f"- every mixer gets the same budget on a task (sizes and steps under each task's heading); "
         f"seeds {', '.join(map(str, seeds))} (mean ± sample std over seeds when more than one)",
         f"- machine: {env.get('machine', '')}; device {env.get('device', '')}; torch {env.get('torch', '')}; "
         f"{env.get('threads', '')} threads",
@@ -214,7 +213,15 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
         lines += ["Not run: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()), ""]
     for task in config["tasks"]:
         header, rows = table_rows(results, task)
-        lines += [f"## {task_heading(results, task)}", "", markdown_table(header, rows), ""]
+        lines += [f"## {task_heading(results, task)}", ""]
+        budget = (config.get("task_config") or {}).get(task)
+        if budget:
+            lines += [
+                f"{budget['n_layers']} layers, d_model {budget['d_model']}, {budget['n_heads']} heads; "
+                f"{budget['steps']} steps of batch {budget['batch_size']}, lr {budget['lr']}",
+                "",
+            ]
+        lines += [markdown_table(header, rows), ""]
     lines += ["Columns: " + COLUMN_NOTES, ""]
     titles = {
         "loss_curves": "Training loss",

@@ -190,9 +190,14 @@ def run_one(
     return entry
 
 
+def _budget(preset: Preset) -> dict:
+    keys = ("d_model", "n_layers", "n_heads", "steps", "batch_size", "lr", "warmup", "eval_every")
+    return {k: getattr(preset, k) for k in keys}
+
+
 def run_compare(
     preset: Preset,
-    mixers: list[str],
+    mixers: dict[str, list[str]],
     tasks: list[str],
     seeds: list[int],
     device: str,
@@ -203,7 +208,10 @@ def run_compare(
     command_line: str = "",
     console=None,
 ) -> dict:
-    """Run the comparison and write the report; returns the results dict (as in results.json)."""
+    """Run the comparison and write the report; returns the results dict (as in results.json).
+
+    ``preset`` is the budget before per-task overrides; ``mixers`` maps each task to the mixers run on it.
+    """
     import json
 
     from rich.console import Console
@@ -221,15 +229,21 @@ def run_compare(
                 raise FileNotFoundError(f"--corpus {corpus}: no such file or folder")
             options["corpus"] = str(corpus)
         built[name] = make_task(name, **options)
-        check_memory(preset, built[name], device)
+        check_memory(preset.for_task(name), built[name], device)
     results = {
         "name": run_dir.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line,
         "config": {
-            **{k: v for k, v in preset.to_dict().items() if k not in ("name", "mixers", "tasks", "seeds")},
+            **{
+                k: v
+                for k, v in preset.to_dict().items()
+                if k not in ("name", "mixers", "tasks", "seeds", "task_overrides")
+            },
             "preset": preset.name,
-            "mixers": mixers,
+            "mixers": list(dict.fromkeys(m for t in tasks for m in mixers[t])),
+            "task_mixers": mixers,
+            "task_config": {t: _budget(preset.for_task(t)) for t in tasks},
             "tasks": tasks,
             "seeds": seeds,
             "device": device,
@@ -239,23 +253,25 @@ def run_compare(
         "skipped_mixers": skipped or {},
         "runs": [],
     }
-    total = len(mixers) * len(tasks) * len(seeds)
+    total = sum(len(mixers[t]) for t in tasks) * len(seeds)
     progress = sys.stderr.isatty()
     start = time.perf_counter()
     console.print(
-        f"[bold]gatelab compare[/] preset {preset.name}: {len(mixers)} mixers x {len(tasks)} tasks x "
-        f"{len(seeds)} seeds = {total} runs of {preset.steps} steps on {device} -> {run_dir}"
+        f"[bold]gatelab compare[/] preset {preset.name}: "
+        + ", ".join(f"{len(mixers[t])} mixers x {preset.for_task(t).steps} steps on {t}" for t in tasks)
+        + f"; {len(seeds)} seed(s), {total} runs on {device} -> {run_dir}"
     )
     if skipped:
         console.print("not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     i = 0
     for seed in seeds:
         for task_name in tasks:
-            for mixer in mixers:
+            for mixer in mixers[task_name]:
                 i += 1
                 try:
+                    budget = preset.for_task(task_name)
                     entry = run_one(
-                        mixer, built[task_name], task_name, seed, preset, device, run_dir, progress
+                        mixer, built[task_name], task_name, seed, budget, device, run_dir, progress
                     )
                     final = entry["final"]
                     acc = f", accuracy {final['accuracy']:.3f}" if "accuracy" in final else ""
@@ -282,6 +298,24 @@ def run_compare(
     print_tables(results, console)
     console.print(f"wrote {paths['report']} ({results['wall_s']:.0f} s)")
     return results
+
+
+def apply_overrides(preset: Preset, **values) -> Preset:
+    """The preset with command-line values (None = keep) set on the base and on every task's budget."""
+    overrides = {}
+    for name, value in values.items():
+        if value is not None:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value}")
+            overrides[name] = value
+    if "steps" in overrides:  # evaluations follow the new step count
+        overrides["eval_every"] = min(preset.eval_every, overrides["steps"])
+    dropped = set(overrides) | ({"eval_every"} if "steps" in overrides else set())
+    task_overrides = {
+        task: {k: v for k, v in changes.items() if k not in dropped}
+        for task, changes in preset.task_overrides.items()
+    }
+    return preset.replace(**overrides, task_overrides=task_overrides)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,27 +361,22 @@ def _command_line(args: argparse.Namespace) -> str:
 @command("compare", _arguments)
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train and compare mixers on the lab's tasks; write report.md, results.json and plots."""
-    preset = get_preset(args.preset)
-    overrides = {}
-    for name, field in (("steps", "steps"), ("batch_size", "batch_size"), ("seeds", "seeds")):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value}")
-            overrides[field] = value
-    if "steps" in overrides:
-        overrides["eval_every"] = min(preset.eval_every, overrides["steps"])
-    preset = preset.replace(**overrides)
+    preset = apply_overrides(
+        get_preset(args.preset), steps=args.steps, batch_size=args.batch_size, seeds=args.seeds
+    )
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be a positive int, got {args.threads}")
         torch.set_num_threads(args.threads)
-    mixers, skipped = select_mixers(_split(args.mixers), preset)
-    if not mixers:
-        raise ValueError("no mixer to compare: none of the requested mechanisms is registered")
     tasks = select_tasks(_split(args.tasks), preset)
+    mixers, skipped = {}, {}
+    for task in tasks:  # --mixers applies to every task; else each task's preset list
+        mixers[task], task_skipped = select_mixers(_split(args.mixers), preset.for_task(task))
+        skipped.update(task_skipped)
+        if not mixers[task]:
+            raise ValueError(f"no mixer to compare on {task}: none of the requested mechanisms is registered")
     device = resolve_device(args.device)
     run_dir = Path(args.out) / (args.name or preset.name)
     seeds = list(range(args.seed, args.seed + preset.seeds))
