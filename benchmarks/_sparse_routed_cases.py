@@ -4,7 +4,8 @@ dense SDPA on the same inputs (bidirectional for the 2D map, causal for the sequ
 ``cases(quick)`` returns rows in the format bench_sparse.py documents. Block density counts the flex
 blocks (128 x 128, or region-aligned query blocks) the kernel visits, relative to the dense block grid
 of the same (Tq, S); ideal density is the fraction of (query, key) pairs the mask allows (for PSA a pooled
-key counts as one pair). Mask estimation (routing, hierarchy, levels) is inside ``run``, as in use.
+key counts as one pair). Mask estimation (routing, hierarchy, levels) is inside ``run``, as in use. Each case also carries
+"reference" (the fp32 definition on the same inputs; extra key) so a run can check flex's output.
 
     python benchmarks/_sparse_routed_cases.py --quick   # these rows alone, without bench_sparse.py
 """
@@ -50,6 +51,7 @@ def biformer_case(side: int, regions: int, topk: int, H: int = 4, D: int = 64) -
         "block_density": _visited_fraction(block_mask, N, N),
         "ideal_density": float(routed.float().mean()),
         "notes": "flex, region-major tokens; dense = bidirectional SDPA",
+        "reference": lambda: biformer(q, k, v, regions=regions, topk=topk, backend="reference"),
     }
 
 
@@ -74,6 +76,7 @@ def hip_case(T: int, topk: int, block_size_q: int, block_size_k: int, H: int = 4
         "block_density": _visited_fraction(block_mask, T, T),
         "ideal_density": float(mask.float().mean()),
         "notes": "flex, sinks=4 window=64; dense = causal SDPA",
+        "reference": lambda: hip(q, k, v, backend="reference", **options),
     }
 
 
@@ -95,6 +98,7 @@ def psa_case(
         "block_density": _visited_fraction(block_mask, T, T),
         "ideal_density": float(mask.float().sum(-1).mean()) / T,
         "notes": "flex over full + pooled keys; dense = causal SDPA",
+        "reference": lambda: psa(q, k, v, backend="reference", **options),
     }
 
 
@@ -107,6 +111,8 @@ def cases(quick: bool) -> list[dict]:
 if __name__ == "__main__":
     import argparse
     import time
+
+    from gatelab.testing import rel_rms
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -124,8 +130,9 @@ if __name__ == "__main__":
                     fn()
                     samples.append(time.perf_counter() - start)
                 times[label] = sorted(samples)[len(samples) // 2]
+            error = rel_rms(case["run"](), case["reference"]())  # compiled flex against the fp32 definition
             print(
-                f"{case['name']}: sparse {times['run'] * 1e3:.1f} ms, dense {times['dense'] * 1e3:.1f} ms, "
+                f"{case['name']}: rel RMS vs reference {error:.1e}, sparse {times['run'] * 1e3:.1f} ms, dense {times['dense'] * 1e3:.1f} ms, "
                 f"dense/sparse {times['dense'] / times['run']:.2f}x, block density {case['block_density']:.3f}, "
                 f"ideal {case['ideal_density']:.3f}"
             )

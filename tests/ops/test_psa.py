@@ -135,3 +135,29 @@ def test_errors():
         psa(q, k, v, backend="sdpa")
     with pytest.raises(RuntimeError, match="no backward on CPU"):
         psa(q.requires_grad_(), k, v, backend="flex")
+
+
+def test_mixer_with_softmax_weights():
+    """The PSA mixer has the softmax mixer's parameters: at budget (1, 0, 0, 0) it is that layer; its
+    internals give per-key weights that reproduce the attention output."""
+    import gatelab
+
+    torch.manual_seed(0)
+    dense = gatelab.make_mixer("softmax", d_model=32, n_heads=2).eval()
+    x = torch.randn(2, 40, 32)
+    full = gatelab.make_mixer(
+        "psa", d_model=32, n_heads=2, budget=(1.0, 0.0, 0.0, 0.0), block_size_k=8
+    ).eval()
+    sparse = gatelab.make_mixer("psa", d_model=32, n_heads=2, budget=BUDGET, block_size_k=8).eval()
+    full.load_state_dict(dense.state_dict())
+    sparse.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        assert_close("psa at level 1 == softmax layer", full(x)[0], dense(x)[0])
+        y, _, internals = sparse(x, return_internals=True)
+    assert (y - dense(x)[0]).abs().max() > 1e-3
+    attn = internals["attn"]  # (B, H, T, T)
+    assert attn.shape == (2, 2, 40, 40) and torch.allclose(attn.sum(-1), torch.ones(()), atol=1e-5)
+    assert (attn.triu(1) == 0).all()  # causal
+    assert set(internals["levels"].unique().tolist()) <= {0, 1, 2, 4, 8}
+    with pytest.raises(ValueError, match="multiple of 8"):
+        gatelab.make_mixer("psa", d_model=32, n_heads=2, block_size_k=12)
