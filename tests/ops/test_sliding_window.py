@@ -120,3 +120,23 @@ def test_mixer_sinks_matter_and_config_errors():
         gatelab.make_mixer("sliding_window", d_model=32, n_heads=2, window=0)
     with pytest.raises(ValueError, match="causal"):
         gatelab.make_mixer("sliding_window", d_model=32, n_heads=2, causal=False)
+
+
+def test_in_the_lab_lm():
+    from gatelab.models.lm import LM, LMConfig
+
+    config = LMConfig(
+        d_model=32, n_layers=2, n_heads=2, pattern="sliding_window,softmax",
+        mixer_options={"sliding_window": {"window": 4, "sinks": 1}}, max_seq_len=64, seed=0,
+    )  # fmt: skip
+    model = LM(config).eval()
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        logits, _ = model(idx)
+        prefix, states = model(idx[:, :7])
+        steps = [prefix]
+        for t in range(7, 20):
+            step, states = model(idx[:, t : t + 1], states)
+            steps.append(step)
+    assert_close("lm decode", torch.cat(steps, 1), logits, torch.float32)
+    assert states[0].k.shape[1] == 1 + 4 - 1  # the sliding-window layer holds sinks + window - 1 keys

@@ -171,6 +171,12 @@ def _flex_fn(compiled: bool) -> Callable:
     if not compiled:
         return flex_attention
     if "fn" not in _COMPILED:
+        # every block mask brings its own mask_mod closure, hence its own graph: with dynamo's default
+        # limit of 8 graphs per function, a ninth mask would silently run eager flex (dense scores)
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 512)
         _COMPILED["fn"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["fn"]
 
