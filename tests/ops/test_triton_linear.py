@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gatelab import ops
+from gatelab.ops.gated_deltanet.reference import gated_deltanet_reference
 from gatelab.ops.gla.reference import gla_reference
 from gatelab.ops.lightning.reference import lightning_reference
 from gatelab.testing import compare_grads, nan_poison
@@ -24,6 +25,7 @@ try:
     triton = pytest.importorskip(
         "triton", reason="triton is not installed; the Triton kernels cannot be tested"
     )
+    from gatelab.ops.gated_deltanet.triton import gated_deltanet_triton
     from gatelab.ops.gla.triton import gla_triton
     from gatelab.ops.lightning.triton import lightning_triton
 finally:
@@ -54,18 +56,19 @@ def _gla_inputs(B, T, H, K, V, with_state=True):
 
 
 def _compare(inputs, fast, reference, dtype, **options):
+    packed = {"cu_seqlens": options["cu_seqlens"]} if "cu_seqlens" in options else {}
     with nan_poison():
         compare_grads(
             inputs,
             lambda x: fast(**x, output_final_state=True, **options),
-            lambda x: reference(**x, output_final_state=True, cu_seqlens=options.get("cu_seqlens")),
+            lambda x: reference(**x, output_final_state=True, **packed),
             dtype,
         )
 
 
 # (B, T, H, K, V, chunk): several chunks with a ragged tail and K=60 masked to 64; T=63 in one chunk;
 # T=1 with B=3.
-GLA_CASES = [(1, 65, 1, 60, 16, 32), (1, 63, 2, 32, 16, 64), (3, 1, 1, 16, 16, 64)]
+GLA_CASES = [(1, 65, 1, 60, 16, 32), (1, 63, 1, 32, 16, 64), (3, 1, 1, 16, 16, 64)]
 
 
 @DTYPES
@@ -126,3 +129,70 @@ def test_dispatchers_select_triton():
     decay = -torch.rand(1, device=DEVICE)
     o, _ = ops.lightning(*args, decay, backend="triton")
     torch.testing.assert_close(o, lightning_reference(*args, decay)[0], rtol=1e-4, atol=1e-5)
+
+
+def _gdn_inputs(B, T, H, K, V):
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731 - the delta rule assumes unit-norm keys
+    return dict(
+        q=_leaf(B, T, H, K), k=_leaf(B, T, H, K, fn=unit), v=_leaf(B, T, H, V),
+        g=_leaf(B, T, H, fn=F.logsigmoid), beta=_leaf(B, T, H, fn=torch.sigmoid), initial_state=_leaf(B, H, K, V),
+    )  # fmt: skip
+
+
+# (B, T, H, K, V, chunk, dtype)
+GDN_CASES = [
+    (1, 65, 2, 60, 32, 32, torch.float32),
+    (1, 63, 2, 32, 16, 64, torch.bfloat16),
+    (3, 1, 1, 16, 16, 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize(
+    "case", GDN_CASES, ids=lambda c: "B{}T{}H{}K{}V{}c{}-{}".format(*c[:6], str(c[6])[6:])
+)
+def test_gated_deltanet_matches_reference(case):
+    B, T, H, K, V, chunk, dtype = case
+    _compare(
+        _gdn_inputs(B, T, H, K, V), gated_deltanet_triton, gated_deltanet_reference, dtype, chunk_size=chunk
+    )
+
+
+def test_gated_deltanet_strong_decay_and_full_write():
+    """alpha = e^-30 and beta = 1 (the transition I - k k^T is singular): finite, and still the reference."""
+    x = _gdn_inputs(1, 40, 1, 16, 16)
+    x["g"] = torch.full((1, 40, 1), -30.0, device=DEVICE).requires_grad_()
+    x["beta"] = torch.ones(1, 40, 1, device=DEVICE).requires_grad_()
+    o, state = gated_deltanet_triton(**x, output_final_state=True, chunk_size=16)
+    o_ref, state_ref = gated_deltanet_reference(**x, output_final_state=True)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state, state_ref, rtol=1e-4, atol=1e-5)
+    (o.sum() + state.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in x.values())
+
+
+def test_gated_deltanet_packed_sequences():
+    """cu_seqlens == each sequence run on its own from its own initial state."""
+    x = _gdn_inputs(1, 30, 1, 16, 16)
+    x["initial_state"] = _leaf(2, 1, 16, 16)
+    cu = torch.tensor([0, 11, 30], dtype=torch.int32, device=DEVICE)
+
+    def separately(q, k, v, g, beta, initial_state, output_final_state):
+        outs = [
+            gated_deltanet_reference(
+                q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
+                initial_state=initial_state[i : i + 1], output_final_state=True,
+            )
+            for i, (a, b) in enumerate([(0, 11), (11, 30)])
+        ]  # fmt: skip
+        return torch.cat([o for o, _ in outs], 1), torch.cat([s for _, s in outs], 0)
+
+    _compare(
+        x, lambda **a: gated_deltanet_triton(**a, cu_seqlens=cu, chunk_size=16), separately, torch.float32
+    )
+
+
+def test_gated_deltanet_dispatcher_selects_triton():
+    x = _gdn_inputs(1, 9, 1, 16, 16)
+    args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
+    o, _ = ops.gated_deltanet(*args, backend="triton")
+    torch.testing.assert_close(o, gated_deltanet_reference(*args)[0], rtol=1e-4, atol=1e-5)
