@@ -38,27 +38,29 @@ def _interpreter(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-# (B, T, S, H, Hkv, D, gate width, gate_fn, causal): awkward lengths, D=60 (masked to 64), GQA,
-# decoding (T=1 with a cache, bottom-right causal), headwise and elementwise gates, both activations.
+# (B, T, S, H, Hkv, D, V, gate width, gate_fn, causal): awkward lengths, D=60 (masked to 64), GQA,
+# decoding (T=1 with a cache, bottom-right causal), value dim != key dim, headwise and elementwise gates,
+# both activations.
 CASES = [
-    (1, 63, 63, 2, 2, 60, 60, "sigmoid", True),
-    (3, 17, 17, 4, 2, 16, 1, "silu", True),
-    (1, 1, 37, 2, 1, 32, 32, "sigmoid", True),
-    (2, 20, 33, 2, 2, 32, 1, "sigmoid", False),
-    (1, 19, 19, 2, 1, 16, 16, "silu", False),
+    (1, 63, 63, 2, 2, 60, 60, 60, "sigmoid", True),
+    (3, 17, 17, 4, 2, 16, 16, 1, "silu", True),
+    (1, 1, 37, 2, 1, 32, 32, 32, "sigmoid", True),
+    (2, 20, 33, 2, 2, 32, 16, 1, "sigmoid", False),
+    (1, 19, 19, 2, 1, 16, 32, 32, "silu", False),
 ]
 
 
-def _inputs(B, T, S, H, Hkv, D, width):
-    shapes = dict(q=(B, T, H, D), k=(B, S, Hkv, D), v=(B, S, Hkv, D), gate=(B, T, H, width))
+def _inputs(B, T, S, H, Hkv, D, width, V=None):
+    V = V or D
+    shapes = dict(q=(B, T, H, D), k=(B, S, Hkv, D), v=(B, S, Hkv, V), gate=(B, T, H, width))
     return {name: torch.randn(shape, device=DEVICE).requires_grad_() for name, shape in shapes.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}S{}H{}kv{}D{}g{}-{}-{}".format(*c))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}S{}H{}kv{}D{}V{}g{}-{}-{}".format(*c))
 def test_matches_reference(case, dtype):
-    B, T, S, H, Hkv, D, width, gate_fn, causal = case
-    inputs = _inputs(B, T, S, H, Hkv, D, width)
+    B, T, S, H, Hkv, D, V, width, gate_fn, causal = case
+    inputs = _inputs(B, T, S, H, Hkv, D, width, V)
     with nan_poison():
         compare_grads(
             inputs,
