@@ -47,4 +47,6 @@ def hip_block_mask(q, k, *, topk, block_size_q, block_size_k, sinks, window, cau
         rows = rows | ((key > first - window) & (key < last + window))
     if causal:
         rows = rows & (key <= last)
-    return block_mask_from_rows(rows, bq, Tq, S, mask_mod)
+    # Flex blocks the size of HiP's key blocks (when a kernel tile fits) visit only the selected blocks.
+    block = bk if bk % 16 == 0 and 32 <= bk <= 128 else 128
+    return block_mask_from_rows(rows, bq, Tq, S, mask_mod, block=block)
