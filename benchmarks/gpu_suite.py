@@ -93,6 +93,8 @@ def check(name: str, fast, reference, inputs: dict, dtype: torch.dtype) -> None:
 
 
 def correctness(device: str, dtype: torch.dtype, T: int, H: int, D: int) -> None:
+    from gatelab.ops.gated_deltanet.reference import gated_deltanet_reference
+    from gatelab.ops.gated_deltanet.triton import gated_deltanet_triton
     from gatelab.ops.gated_softmax.reference import gated_softmax_reference
     from gatelab.ops.gated_softmax.triton import gated_softmax_triton
     from gatelab.ops.gla.reference import gla_reference
@@ -114,6 +116,18 @@ def correctness(device: str, dtype: torch.dtype, T: int, H: int, D: int) -> None
         "check lightning",
         lambda: check("lightning", lightning_triton, lightning_reference, {**kv, "decay": decay}, dtype),
     )
+    unit_keys = F.normalize(mk(1, T, H, D), dim=-1)  # the delta rule assumes unit-norm keys
+    gdn = dict(
+        q=kv["q"],
+        k=unit_keys,
+        v=kv["v"],
+        g=F.logsigmoid(mk(1, T, H)) / 16,
+        beta=torch.rand(1, T, H, device=device),
+    )
+    check_gdn = functools.partial(
+        check, "gated_deltanet", gated_deltanet_triton, gated_deltanet_reference, gdn, dtype
+    )
+    guarded("check gated_deltanet", check_gdn)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -166,6 +180,7 @@ def time_linear(T: int, H: int, D: int, device: str, dtype: torch.dtype, fla: di
 
 
 def _time_linear_once(T: int, H: int, D: int, device: str, dtype: torch.dtype, fla: dict, bwd: bool) -> None:
+    from gatelab.ops.gated_deltanet.triton import gated_deltanet_triton
     from gatelab.ops.gla.triton import gla_triton
     from gatelab.ops.lightning.triton import lightning_triton
 
@@ -173,14 +188,21 @@ def _time_linear_once(T: int, H: int, D: int, device: str, dtype: torch.dtype, f
     q, k, v = (torch.randn(1, T, H, D, device=device, dtype=dtype, requires_grad=bwd) for _ in range(3))
     gk = (F.logsigmoid(torch.randn(1, T, H, D, device=device)) / 16).requires_grad_(bwd)  # fp32 gates
     g = (F.logsigmoid(torch.randn(1, T, H, device=device)) / 16).requires_grad_(bwd)
-    contenders = {  # group: (ours, name of the flash-linear-attention op, its gate, inputs)
-        "gla": (lambda: gla_triton(q, k, v, gk), "chunk_gla", gk, (q, k, v, gk)),
-        "lightning": (lambda: lightning_triton(q, k, v, g), "chunk_simple_gla", g, (q, k, v, g)),
+    kn = F.normalize(k.detach().float(), dim=-1).to(dtype).requires_grad_(bwd)  # the delta rule's unit keys
+    beta = torch.rand(1, T, H, device=device, dtype=dtype).requires_grad_(bwd)
+    contenders = {  # group: (ours, name of the flash-linear-attention op, its arguments)
+        "gla": (lambda: gla_triton(q, k, v, gk), "chunk_gla", (q, k, v, gk)),
+        "lightning": (lambda: lightning_triton(q, k, v, g), "chunk_simple_gla", (q, k, v, g)),
+        "gated_deltanet": (
+            lambda: gated_deltanet_triton(q, kn, v, g, beta),
+            "chunk_gated_delta_rule",
+            (q, kn, v, g, beta),
+        ),
     }
-    for group, (ours, fla_name, gate, inputs) in contenders.items():
+    for group, (ours, fla_name, inputs) in contenders.items():
         mine = record(group, f"{group} triton {tag}", T, fwd_bwd(ours, inputs), device)
         if fla_name in fla:
-            peer_fn = fwd_bwd(functools.partial(fla[fla_name], q, k, v, gate), inputs)
+            peer_fn = fwd_bwd(functools.partial(fla[fla_name], *inputs), inputs)
             peer = record(group, f"fla {fla_name} {tag}", T, peer_fn, device)
             if mine and peer:
                 ROWS[-2]["vs_fla"] = round(mine / peer, 3)
@@ -188,12 +210,17 @@ def _time_linear_once(T: int, H: int, D: int, device: str, dtype: torch.dtype, f
 
 def load_fla() -> dict:
     try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.gla import chunk_gla
         from fla.ops.simple_gla import chunk_simple_gla
     except Exception as error:  # not installed, or no GPU driver: compare against nothing
         print(f"flash-linear-attention not available ({type(error).__name__}); timing gatelab alone")
         return {}
-    return {"chunk_gla": chunk_gla, "chunk_simple_gla": chunk_simple_gla}
+    return {
+        "chunk_gla": chunk_gla,
+        "chunk_simple_gla": chunk_simple_gla,
+        "chunk_gated_delta_rule": chunk_gated_delta_rule,
+    }
 
 
 def main() -> None:
@@ -238,7 +265,7 @@ def main() -> None:
     name = "gpu_suite_dry_run" if args.dry_run else "gpu_suite"  # a dry run never overwrites GPU figures
     path = write_results(name, ROWS, meta, out_dir=os.environ.get("OUT"))
     print(f"wrote {path} in {time.time() - start:.0f} s")
-    if not all(c["ok"] for c in CHECKS) or len(CHECKS) < 4:
+    if not all(c["ok"] for c in CHECKS) or len(CHECKS) < 5:
         sys.exit(1)
 
 
