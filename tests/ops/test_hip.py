@@ -132,6 +132,12 @@ def test_mixer_plugs_into_a_pretrained_softmax_layer():
             assert_close("hip at full budget == softmax layer", y_sparse, y_dense)
         else:
             assert (y_sparse - y_dense).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="topk"):
+        gatelab.make_mixer("hip", d_model=32, n_heads=2, topk=0)
+    with pytest.raises(ValueError, match="window"):
+        gatelab.make_mixer("hip", d_model=32, n_heads=2, window=-1)
+    with pytest.raises(ValueError, match="backend"):
+        gatelab.make_mixer("hip", d_model=32, n_heads=2, backend="sdpa")
 
 
 def test_hip_and_psa_in_the_lm_decode_like_the_parallel_pass():
