@@ -163,6 +163,7 @@ def run_one(
         steps=preset.steps,
         batch_size=preset.batch_size,
         lr=preset.lr,
+        min_lr_ratio=preset.min_lr_ratio,
         warmup=min(preset.warmup, preset.steps - 1),
         eval_every=preset.eval_every,
         eval_batches=preset.eval_batches,
@@ -191,7 +192,17 @@ def run_one(
 
 
 def _budget(preset: Preset) -> dict:
-    keys = ("d_model", "n_layers", "n_heads", "steps", "batch_size", "lr", "warmup", "eval_every")
+    keys = (
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "steps",
+        "batch_size",
+        "lr",
+        "min_lr_ratio",
+        "warmup",
+        "eval_every",
+    )
     return {k: getattr(preset, k) for k in keys}
 
 
