@@ -6,7 +6,7 @@ import torch
 
 from gatelab.ops.common.backend import resolve_backend
 from gatelab.ops.common.checks import check_same, check_tensor
-from gatelab.ops.hip.flex_blocks import flex_available
+from gatelab.ops.hip.flex_blocks import auto_order, flex_available
 
 from .flex import biformer_flex
 from .reference import biformer_reference
@@ -38,7 +38,7 @@ def biformer(
         topk: routed regions per query region, 1 <= topk <= number of regions; all of them is full attention.
         scale: score scale, default D ** -0.5.
         backend: "reference" (fp32 gather + softmax, autograd), "flex" (FlexAttention; no backward on CPU)
-            or "auto" (reference).
+            or "auto" (flex on CUDA, reference on CPU, where flex has no backward).
     Returns:
         o: (B, Hh, Ww, H, V) in q's dtype.
     """
@@ -55,7 +55,7 @@ def biformer(
     n_regions = grid[0] * grid[1]
     if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= n_regions:
         raise ValueError(f"topk must be an int in [1, {n_regions}] (the number of regions), got {topk!r}")
-    name = resolve_backend("biformer", backend, {"reference": True, "flex": flex_available}, ("reference",))
+    name = resolve_backend("biformer", backend, {"reference": True, "flex": flex_available}, auto_order(q))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = biformer_reference if name == "reference" else biformer_flex
     return fn(q, k, v, grid=grid, topk=topk, scale=scale)

@@ -9,7 +9,7 @@ from gatelab.ops.common.backend import resolve_backend
 from gatelab.ops.common.checks import check_qkv
 
 from .flex import hip_flex
-from .flex_blocks import flex_available
+from .flex_blocks import auto_order, flex_available
 from .mask import hip_select, token_mask
 from .reference import hip_reference
 
@@ -53,7 +53,7 @@ def hip(
         causal: mask future keys, bottom-right aligned when Tq < S (decoding).
         scale: score scale, default D ** -0.5.
         backend: "reference" (dense fp32, autograd), "flex" (FlexAttention; no backward on CPU) or "auto"
-            (reference: both compute the same function, and only the reference trains on CPU).
+            (flex on CUDA, reference on CPU, where flex has no backward; both compute the same function).
     Returns:
         o: (B, Tq, H, V) in q's dtype.
     """
@@ -69,7 +69,7 @@ def hip(
         raise ValueError(
             f"causal hip needs at least as many keys as queries, got {q.shape[1]} queries and {k.shape[1]} keys"
         )
-    name = resolve_backend("hip", backend, {"reference": True, "flex": flex_available}, ("reference",))
+    name = resolve_backend("hip", backend, {"reference": True, "flex": flex_available}, auto_order(q))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = hip_reference if name == "reference" else hip_flex
     return fn(

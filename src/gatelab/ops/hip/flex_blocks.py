@@ -53,3 +53,9 @@ def run_flex(q, k, v, block_mask, scale: float, score_mod=None, compiled: bool |
     if not torch.is_grad_enabled():  # flex refuses inputs that require grad on CPU, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     return flex.run_flex(q, k, v, block_mask, scale=scale, score_mod=score_mod, compile=compiled)
+
+
+def auto_order(q: torch.Tensor) -> tuple[str, ...]:
+    """What backend="auto" tries: flex on CUDA (it has a backward there), else the reference (CPU flex has
+    no backward, and eager flex is slower than the dense reference at the sizes a CPU trains)."""
+    return ("flex", "reference") if q.is_cuda else ("reference",)

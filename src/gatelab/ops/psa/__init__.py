@@ -7,7 +7,7 @@ import torch
 
 from gatelab.ops.common.backend import resolve_backend
 from gatelab.ops.common.checks import check_qkv
-from gatelab.ops.hip.flex_blocks import flex_available
+from gatelab.ops.hip.flex_blocks import auto_order, flex_available
 
 from .flex import psa_flex
 from .levels import LEVELS, psa_levels, pyramid, pyramid_mask
@@ -66,7 +66,7 @@ def psa(
         causal: mask future keys (bottom-right aligned when Tq < S); blocks the query block overlaps are full.
         scale: score scale, default D ** -0.5.
         backend: "reference" (dense fp32, autograd), "flex" (FlexAttention; no backward on CPU) or "auto"
-            (reference).
+            (flex on CUDA, reference on CPU, where flex has no backward).
     Returns:
         o: (B, Tq, H, V) in q's dtype.
     """
@@ -85,7 +85,7 @@ def psa(
         raise ValueError(
             f"causal psa needs at least as many keys as queries, got {q.shape[1]} queries and {k.shape[1]} keys"
         )
-    name = resolve_backend("psa", backend, {"reference": True, "flex": flex_available}, ("reference",))
+    name = resolve_backend("psa", backend, {"reference": True, "flex": flex_available}, auto_order(q))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = psa_reference if name == "reference" else psa_flex
     return fn(
