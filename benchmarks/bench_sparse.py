@@ -170,6 +170,34 @@ def gpu_cases() -> list[dict]:
             "notes": "compiled flex vs causal SDPA (FlashAttention), bf16",
         }
     )
+    # forward + backward: leaf copies that need grad, one random cotangent, grads cleared by set_to_none
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    cotangent = torch.randn_like(q)
+
+    def backward_of(forward):
+        def run():
+            with torch.enable_grad():
+                forward().backward(cotangent)
+            for t in leaves:
+                t.grad = None
+
+        return run
+
+    ql, kl, vl = leaves
+    flex_fwd = lambda: sliding_window_flex(ql, kl, vl, window=window, sinks=0, scale=None, compile=True)
+    sdpa_fwd = lambda: F.scaled_dot_product_attention(
+        ql.transpose(1, 2), kl.transpose(1, 2), vl.transpose(1, 2), is_causal=True
+    ).transpose(1, 2)
+    rows.append(
+        {
+            "name": f"[gpu] sliding_window T={T} w={window} fwd+bwd",
+            "run": backward_of(flex_fwd),
+            "dense": backward_of(sdpa_fwd),
+            "block_density": block_density(bm),
+            "ideal_density": None,
+            "notes": "compiled flex vs causal SDPA (FlashAttention), bf16, forward + backward",
+        }
+    )
     return rows
 
 

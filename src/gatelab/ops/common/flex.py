@@ -5,8 +5,11 @@ tile-major token orders for 2D/3D maps, and block/ideal density for the benchmar
 What torch 2.13's flex_attention does on CPU (measured on the dev CPU):
 - eager forward works (it materialises the full score matrix and applies only ``mask_mod``: block
   indices are ignored, so every mask_mod must agree with its blocks);
-- compiled forward works (C++ template kernel, fp32/bf16, any head dim, lengths that are not a multiple
-  of the block size); the first call per shape compiles for tens of seconds on 2 cores;
+- compiled forward works (C++ template kernel; checked: fp32 and bf16, head dims 60/48 and V != D, GQA,
+  lengths that are not a multiple of the block size, a single decoding query against a longer cache);
+  the first call per shape and mask compiles for 15-40 s on the 2-core dev CPU;
+- on CPU the mask_mod is evaluated for every score of every partial block and dominates the compiled
+  time: keep mask_mods to a few integer ops (shifts for power-of-two sizes, no div/mod when not needed);
 - there is no backward on CPU, eager or compiled ("FlexAttention does not support backward on CPU"):
   training on CPU goes through the reference/SDPA paths, which the ops pick explicitly.
 """
