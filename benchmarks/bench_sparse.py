@@ -154,12 +154,14 @@ def measure(case: dict, repeats: int) -> dict:
     return row
 
 
-def gpu_cases() -> list[dict]:
-    """On a GPU: sliding window 2048 at T=32768 against causal SDPA (forward), B=1, H=16, D=128, bf16."""
+def gpu_cases(
+    device: str = "cuda", T: int = 32768, window: int = 2048, H: int = 16, D: int = 128
+) -> list[dict]:
+    """On a GPU: sliding window 2048 at T=32768 against causal SDPA, forward and forward+backward,
+    B=1, H=16, D=128, bf16 (the shapes of the H200 anchors)."""
     rows = []
-    T, window, H, D = 32768, 2048, 16, 128
-    q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    bm = sliding_window_block_mask(T, T, window, 0, "cuda")
+    q, k, v = (torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    bm = sliding_window_block_mask(T, T, window, 0, device)
     rows.append(
         {
             "name": f"[gpu] sliding_window T={T} w={window} fwd",
