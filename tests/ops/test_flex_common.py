@@ -100,3 +100,8 @@ def test_default_compile_policy(monkeypatch):
     assert flex.default_compile(torch.zeros(1, 2048, 1, 4), 1024)
     monkeypatch.setenv("GATELAB_FLEX_COMPILE", "1")
     assert flex.default_compile(q, 64)
+
+
+def test_tile_major_needs_dividing_tiles():
+    with pytest.raises(ValueError, match="multiple of its tile"):
+        flex.to_tile_major(torch.randn(1, 6, 8, 2), (6, 8), (4, 4))
