@@ -88,6 +88,16 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_after_a_crash_between_the_checkpoint_renames(tmp_path):
+    task = make_task("mqar", **TASK)
+    full = train(tiny(), task, config(tmp_path / "full", steps=6))
+    train(tiny(), task, config(tmp_path / "cut", steps=6, stop_after=3))
+    # the state save_checkpoint leaves if killed after moving the old checkpoint aside
+    (tmp_path / "cut" / "checkpoint").rename(tmp_path / "cut" / "checkpoint.old")
+    rest = train(tiny(seed=3), task, config(tmp_path / "cut", steps=6, resume=True))
+    assert rest.final == full.final
+
+
 def test_resume_without_checkpoint_and_bad_configs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny(), make_task("mqar", **TASK), config(tmp_path, resume=True))
