@@ -20,7 +20,7 @@ class Preset:
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
-    steps: int = 200
+    steps: int = 200  # training steps of every run (per task: see task_overrides)
     batch_size: int = 16
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio; 1.0 keeps lr constant after warmup
@@ -45,9 +45,10 @@ class Preset:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"preset {self.name!r}: {name} must be a positive int, got {value!r}")
-        if self.warmup < 0 or self.lr <= 0:
+        if self.warmup < 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(
-                f"preset {self.name!r}: need warmup >= 0 and lr > 0, got {self.warmup}, {self.lr}"
+                f"preset {self.name!r}: need warmup >= 0, lr > 0 and min_lr_ratio in [0, 1], "
+                f"got {self.warmup}, {self.lr}, {self.min_lr_ratio}"
             )
         missing = set(self.tasks) - set(self.task_options)
         if missing:
@@ -167,12 +168,14 @@ PRESETS: dict[str, Preset] = {
         seeds=3,
         mixers=("softmax", "gated_softmax", "clipped_softmax", "gated_heads"),
         task_overrides={
-            "text": {"steps": 1200, "eval_every": 400},
+            "text": {"steps": 1000, "eval_every": 250},
             "mqar": {
                 "n_layers": 2,
-                "steps": 2000,
+                "steps": 1600,
                 "batch_size": 64,
                 "lr": 1e-3,
+                "min_lr_ratio": 1.0,  # as in the validation run, whose cosine over 4000 steps stayed ~lr
+                "eval_every": 200,
                 "mixers": ("softmax", "gated_softmax", "gated_deltanet", "lina"),
             },
         },
