@@ -113,6 +113,9 @@ class AttentionMixer(Mixer):
         return state.append(k, v)
 
     def _forward(self, x, state, return_internals):
+        policy = getattr(self, "cache_policy", None)  # set by gatelab.cache.apply_policy; None: full cache
+        if policy is not None:
+            return policy.run(self, x, state, return_internals)
         c = self.config
         B, T, _ = x.shape
         q, extra = self.split_query(self.q_proj(x))  # (B, T, H, D)

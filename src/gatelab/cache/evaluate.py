@@ -1,0 +1,95 @@
+"""Quality, memory and speed of a trained LM under a KV-cache policy, and fine-tuning of attention gates
+("In-context KV-Cache Eviction for LLMs via Attention-Gate", Zeng et al., 2024)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gatelab.tasks import IGNORE
+
+from . import apply_policy, cache_bytes, eviction_loss, kept_fraction, remove_policy
+
+
+@torch.no_grad()
+def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
+    """Teacher-forced token-by-token decoding of every batch under ``policy``.
+
+    batches: [(inputs (B, T) long, targets (B, T) long with IGNORE on unlabelled positions)]. Every token
+    is fed alone with the layer states, so each prediction sees exactly what the policy kept.
+    Returns loss and accuracy over labelled positions, the decode speed (tokens/s), and cache memory:
+    bytes held per layer at the end, peak bytes held (all layers, max over steps) and the kept fraction
+    (kept tokens / tokens seen, mean over layers) at the end.
+    """
+    was_training = model.training
+    model.eval()
+    if policy != "attention_gate":  # a gated model comes with its gates (see finetune_gates)
+        apply_policy(model, policy, **options)
+    loss_sum, hits, count, tokens, seconds, peak = 0.0, 0, 0, 0, 0.0, 0
+    per_layer, kept = None, []
+    try:
+        for inputs, targets in batches:
+            B, T = inputs.shape
+            states, logits = None, []
+            start = time.perf_counter()
+            for t in range(T):
+                out, states = model(inputs[:, t : t + 1], states)
+                logits.append(out[:, -1].float())
+                peak = max(peak, sum(layer["held"] for layer in cache_bytes(states)))
+            seconds += time.perf_counter() - start
+            tokens += B * T
+            logits = torch.stack(logits, dim=1)  # (B, T, vocab)
+            labelled = targets != IGNORE
+            loss_sum += F.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+            ).item()
+            hits += int(((logits.argmax(-1) == targets) & labelled).sum())
+            count += int(labelled.sum())
+            per_layer = cache_bytes(states)
+            full = B * T * states[0].k.shape[2]  # tokens a full cache holds per layer
+            kept.append(sum(layer["tokens"] for layer in per_layer) / (full * len(per_layer)))
+    finally:
+        if policy != "attention_gate":
+            remove_policy(model)
+        model.train(was_training)
+    return {
+        "loss": loss_sum / max(count, 1),
+        "accuracy": hits / max(count, 1),
+        "kept_fraction": sum(kept) / len(kept),
+        "bytes_per_layer": [layer["held"] for layer in per_layer],
+        "kept_bytes_per_layer": [layer["kept"] for layer in per_layer],
+        "peak_cache_bytes": peak,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+    }
+
+
+def finetune_gates(model, task, target_keep: float, steps: int, batch_size: int = 16, lr: float = 1e-3,
+                   seed: int = 0, eviction_weight: float = 4.0, gates_only: bool = False, **gate_options):  # fmt: skip
+    """A copy of ``model`` with an attention gate in every layer, fine-tuned (all parameters) on ``task`` for
+    cross-entropy + the gates' eviction-rate loss towards ``target_keep``. Returns (model, history)."""
+    tuned = copy.deepcopy(model)
+    apply_policy(
+        tuned, "attention_gate", target_keep=target_keep, eviction_weight=eviction_weight, **gate_options
+    )
+    params = (
+        [p for n, p in tuned.named_parameters() if "cache_policy" in n] if gates_only else tuned.parameters()
+    )
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    tuned.train()
+    history = []
+    for step in range(steps):
+        inputs, targets = task.get_batch("train", batch_size, generator)
+        logits = tuned(inputs)[0].float()
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        loss = ce + eviction_loss(tuned)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "ce": ce.item(), "kept": kept_fraction(tuned)})
+    tuned.eval()
+    return tuned, history

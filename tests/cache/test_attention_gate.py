@@ -1,0 +1,126 @@
+"""The attention gate: relaxed training path vs hard inference path, eviction, the eviction-rate loss,
+and the evaluation helpers and command on tiny sizes."""
+
+import json
+
+import pytest
+import torch
+
+import gatelab
+from gatelab.cache import MASKED, apply_policy, eviction_loss, kept_fraction, make_policy
+from gatelab.cache.evaluate import decode_eval, finetune_gates
+from gatelab.models.lm import LM, LMConfig
+from gatelab.testing import assert_close
+
+
+def saturated_gate(policy, scale=30.0):
+    """Replace the gate by one whose logits are +-scale: keep/evict decided by the sign of x's channels."""
+    inner = policy.gate
+
+    def forward(x, state):
+        _, new_state = inner.__class__.forward(inner, x, state)
+        heads = inner.out.out_features
+        return scale * torch.sign(x[..., :heads] + 0.3), new_state
+
+    policy.gate.forward = forward
+    return policy
+
+
+def run_decode(mixer, x, prefix):
+    y, state = mixer(x[:, :prefix])
+    outs = [y]
+    for t in range(prefix, x.shape[1]):
+        y, state = mixer(x[:, t : t + 1], state=state)
+        outs.append(y)
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.mark.parametrize("key", ["softmax", "gated_softmax", "clipped_softmax"])
+def test_relaxed_training_path_matches_hard_flags_when_saturated(key):
+    torch.manual_seed(0)
+    options = {"n_kv_heads": 2} if key == "softmax" else {}
+    mixer = gatelab.make_mixer(key, d_model=64, n_heads=4, **options)
+    mixer.cache_policy = saturated_gate(make_policy("attention_gate", mixer))
+    x = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        mixer.train()
+        relaxed, _ = mixer(x)  # log sigmoid(+-30) added to the scores, nothing evicted
+        mixer.eval()
+        hard, hard_state = mixer(x)  # hard flags, evicted tokens dropped after the pass
+        decoded, state = run_decode(mixer, x, 4)  # hard flags, evicted tokens never stored
+    assert_close(f"{key} relaxed vs hard", relaxed, hard, torch.float32)
+    assert_close(f"{key} decode vs parallel", decoded, hard, torch.float32)
+    kept = (x[..., : state.k.shape[2]] + 0.3 > 0).transpose(0, 0)  # (B, T, Hkv) flags
+    kept[:, 0] = True  # the first token is always kept
+    assert state.kept_tokens == int(kept.sum()) == hard_state.kept_tokens
+    assert state.k.shape[1] == int(kept.sum(dim=1).max()) < 17  # the cache shrank
+    for b in range(3):  # exactly the kept tokens are stored, in position order, padding masked and zeroed
+        for h in range(state.k.shape[2]):
+            valid = state.bias[b, :, h] > MASKED / 2
+            assert torch.equal(state.positions[b, valid, h], kept[b, :, h].nonzero().flatten())
+            assert (state.k[b, ~valid, h] == 0).all() and (state.v[b, ~valid, h] == 0).all()
+
+
+def test_evicted_token_is_hidden_from_later_queries():
+    torch.manual_seed(0)
+    mixer = gatelab.make_mixer("softmax", d_model=64, n_heads=4).eval()
+    mixer.cache_policy = saturated_gate(make_policy("attention_gate", mixer))
+    x = torch.randn(1, 12, 64)
+    x[0, 5, :4] = -5.0  # token 5 is evicted by every head
+    x[0, 6:, :4] = 5.0  # later tokens are kept
+    x.requires_grad_(True)
+    y, _, internals = mixer(x, return_internals=True)
+    assert (internals["attn"][..., 5] == 0).all()  # no query, not even its own, sees it
+    y[0, 6:].sum().backward()
+    assert x.grad[0, 5].abs().max() < 1e-6 * x.grad[0, 6:].abs().max()  # only the gate's own path
+
+
+def test_gate_gradients_and_eviction_loss():
+    model = LM(LMConfig(d_model=32, n_layers=2, n_heads=2, seed=0)).train()
+    policies = apply_policy(model, "attention_gate", target_keep=0.25)
+    idx = torch.randint(0, 256, (2, 16))
+    logits, _ = model(idx)
+    loss = logits.logsumexp(-1).mean() + eviction_loss(model)
+    loss.backward()
+    for policy in policies:
+        for name, p in policy.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert kept_fraction(model) == pytest.approx(1.0)  # init_keep = 0.9: every flag starts at "keep"
+    assert float(eviction_loss(model).detach()) == pytest.approx(2 * 0.75**2, rel=1e-4)
+    with pytest.raises(ValueError, match="target_keep"):
+        apply_policy(model, "attention_gate", target_keep=0.0)
+
+
+def test_finetune_and_decode_eval_on_tiny_sizes():
+    from gatelab.tasks import make_task
+
+    task = make_task("text", seq_len=16, max_bytes=50_000)
+    model = LM(LMConfig(d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=32))
+    tuned, history = finetune_gates(model, task, target_keep=0.25, steps=12, batch_size=4, lr=3e-2)
+    assert history[-1]["kept"] < history[0]["kept"]  # the eviction-rate loss pulls the kept share down
+    batches = make_task("text", seq_len=32, max_bytes=50_000).eval_batches(1, 2)
+    full = decode_eval(model, batches, "full")
+    gated = decode_eval(tuned, batches, "attention_gate")
+    h2o = decode_eval(model, batches, "h2o", budget=0.25, seq_len=32)
+    assert full["kept_fraction"] == 1.0 and h2o["kept_fraction"] == 0.25
+    assert gated["kept_fraction"] < 1.0 and sum(gated["kept_bytes_per_layer"]) < sum(full["bytes_per_layer"])
+    assert h2o["peak_cache_bytes"] == 2 * 8 * 2 * 16 * 4 * 2  # budget 8 tokens, 2 rows, 2 heads, k and v
+    assert "cache_policy" not in model.blocks[0].mixer._modules  # the policy is removed afterwards
+
+
+def test_cache_command_quick(tmp_path):
+    from gatelab.cli import main
+
+    out = tmp_path / "run"
+    argv = ["cache", "--quick", "--tasks", "text", "--budgets", "1.0,0.5", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["tasks"]["text"]["rows"]
+    assert {r["policy"] for r in rows} == {"full", "streaming", "h2o", "attention_gate"}
+    half = {r["policy"]: r for r in rows if r["budget"] == 0.5}
+    assert half["streaming"]["kept_fraction"] == half["h2o"]["kept_fraction"] == 0.5
+    assert (out / "quality_vs_memory.png").stat().st_size > 0 and "| h2o | 0.50 |" in (
+        out / "report.md"
+    ).read_text()
+    assert main(["cache", "--budgets", "0", "--out", str(out)]) == 2
+    assert main(["cache", "--policies", "lru", "--out", str(out)]) == 2
