@@ -38,9 +38,11 @@ def intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: i
     k_out = ks * torch.exp(b_end[..., None, :] - bs)  # (..., n, c, K)
     lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)[:, :, None]  # I > J
     between = (b_start[..., :, None, :] - b_end[..., None, :, :]).masked_fill(~lower, float("-inf")).exp()
-    A = torch.einsum("...Iik,...IJk,...Jjk->...IiJj", q_in, between, k_out)  # (..., n, c, n, c)
+    # Keys as seen from query sub-chunk I: k_j exp(b_start_I - b_j), zero for j in I or later.
+    keys = (between[..., :, :, None, :] * k_out[..., None, :, :, :]).reshape(*lead, n, C, K)  # (..., n, C, K)
+    A = (q_in @ keys.transpose(-1, -2)).view(*lead, n, c, n, c)  # (..., n, c, n, c): one matmul per I
     # Inside a sub-chunk: pairwise decays, masked before exp.
-    A_diag = torch.einsum("...ik,...jk,...ijk->...ij", qs, ks, pairwise_decay(bs))  # (..., n, c, c)
+    A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * pairwise_decay(bs)).sum(-1)  # (..., n, c, c)
     eye = torch.eye(n, dtype=A.dtype, device=q.device)[:, None, :, None]  # (n, 1, n, 1)
     A = A + A_diag[..., :, :, None, :] * eye
     return A.reshape(*lead, C, C)
@@ -78,7 +80,8 @@ def gla_chunk(
     scale = K**-0.5 if scale is None else scale
     C = chunk_size
     qc = to_chunks(q, C) * scale  # (B, H, N, C, K) fp32
-    kc, vc = to_chunks(k, C), to_chunks(v, C)  # (B, H, N, C, K), (B, H, N, C, V)
+    # contiguous chunks: CPU matmuls on the strided (B, T, H, D) layout are several times slower
+    kc, vc = to_chunks(k, C).contiguous(), to_chunks(v, C).contiguous()  # (B, H, N, C, K), (B, H, N, C, V)
     b = chunk_cumsum(to_chunks(g, C))  # (B, H, N, C, K), <= 0, non-increasing in C
     b_last = b[..., -1:, :]  # (B, H, N, 1, K)
     # Inter-chunk: what each chunk adds to the state, decayed to the chunk's end; then the sequential scan.

@@ -49,7 +49,8 @@ def lightning_chunk(
     scale = K**-0.5 if scale is None else scale
     C = chunk_size
     qc = to_chunks(q, C) * scale  # (B, H, N, C, K) fp32
-    kc, vc = to_chunks(k, C), to_chunks(v, C)  # (B, H, N, C, K), (B, H, N, C, V)
+    # contiguous chunks: CPU matmuls on the strided (B, T, H, D) layout are several times slower
+    kc, vc = to_chunks(k, C).contiguous(), to_chunks(v, C).contiguous()  # (B, H, N, C, K), (B, H, N, C, V)
     b = chunk_cumsum(to_chunks(decay, C))  # (B, H, N, C), <= 0, non-increasing
     b_last = b[..., -1:]  # (B, H, N, 1)
     # Inter-block: each block's contribution decayed to its end, then the sequential scan of states.
