@@ -35,7 +35,10 @@ COLUMN_NOTES = (
     "per-sequence infinity norm (max over blocks) and Pearson kurtosis (mean over blocks) of each block's "
     "output, averaged over the validation sequences; W8A8 gap: eval loss after int8 fake quantisation of "
     "every linear layer's weights and inputs minus the fp32 loss; gate mean / gate < 0.1: mean gate value "
-    "and fraction below 0.1 over gated layers; '-': the mixer has no such internals."
+    "and fraction below 0.1 over gated layers, read from each mixer's internals['gate'] as it gives them "
+    "(a linear, unbounded gate such as lightning's default can be negative); sink share and entropy of a "
+    "linear mixer read its equivalent T x T matrix as shares of absolute weight; '-': the mixer has no such "
+    "internals."
 )
 
 

@@ -46,6 +46,11 @@ def _grid(n: int, width: float = 5.0, height: float = 3.6):
     return fig, axes[0]
 
 
+def _legend(ax) -> None:
+    """Legend outside the plot, right of the axes: with a dozen mixers it would hide the curves."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -67,7 +72,7 @@ def plot_loss_curves(results: dict, path: Path) -> Path:
                 )
         ax.set(title=f"{task}: training loss", xlabel="step", ylabel="loss (smoothed)")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="upper right")
+    _legend(axes[-1])
     return _save(fig, path)
 
 
@@ -83,7 +88,7 @@ def plot_mqar_accuracy(results: dict, path: Path) -> Path:
             ax.plot(steps, acc, marker="o", ms=3, label=mixer, color=colors[mixer])
     ax.set(title="MQAR: accuracy at query positions", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -115,7 +120,7 @@ def _plot_per_layer(
         else:
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    _legend(axes[-1])
     return _save(fig, path)
 
 
