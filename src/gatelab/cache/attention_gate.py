@@ -2,10 +2,13 @@
 Attention-Gate", Zeng et al., 2024): per token and KV head, evicted tokens are hidden from every query
 and never stored.
 
-Training (module in train mode): the gate's sigmoid scores enter the attention scores as log-gates,
-score_ij + log sigmoid(s_j) (the differentiable relaxation), every token stays in the cache, and the
-kept fraction is measured with straight-through hard flags (forward: s > 0, backward: the sigmoid's
-gradient) for the eviction-rate loss ``eviction_weight * (kept - target_keep) ** 2``.
+Training (module in train mode): every token stays in the cache and the gate's sigmoid scores enter
+the attention scores as log-gates, score_ij + log sigmoid(s_j). With ``relaxation="straight_through"``
+(the default) the forward pass uses the hard flags (s > 0: bias 0, else MASKED), exactly what inference
+does, and the backward pass the log-gate's gradient; ``"soft"`` uses log sigmoid(s_j) in the forward
+too (measured here: a large gap between training and hard inference, see the report). The kept
+fraction is measured with straight-through hard flags for the eviction-rate loss
+``eviction_weight * (kept - target_keep) ** 2``.
 Inference (eval mode): hard flags; an evicted token's key gets a MASKED score (exp underflows to 0,
 so it is hidden even from its own query) and is dropped from the cache after the chunk.
 
@@ -56,7 +59,7 @@ class AttentionGatePolicy(CachePolicy):
     name = "attention_gate"
 
     def __init__(self, d_model: int, kv_heads: int, target_keep: float = 0.5, eviction_weight: float = 1.0,
-                 d_gate: int = 16, kernel: int = 4, init_keep: float = 0.9, relaxation: str = "soft"):  # fmt: skip
+                 d_gate: int = 16, kernel: int = 4, init_keep: float = 0.9, relaxation: str = "straight_through"):  # fmt: skip
         super().__init__()
         if (
             isinstance(target_keep, bool)

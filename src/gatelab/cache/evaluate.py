@@ -66,18 +66,32 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
     }
 
 
-def finetune_gates(model, task, target_keep: float, steps: int, batch_size: int = 16, lr: float = 1e-3,
-                   seed: int = 0, eviction_weight: float = 4.0, gates_only: bool = False, **gate_options):  # fmt: skip
-    """A copy of ``model`` with an attention gate in every layer, fine-tuned (all parameters) on ``task`` for
-    cross-entropy + the gates' eviction-rate loss towards ``target_keep``. Returns (model, history)."""
+def finetune_gates(
+    model,
+    task,
+    target_keep: float,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 3e-4,
+    gate_lr: float = 1e-2,
+    seed: int = 0,
+    eviction_weight: float = 4.0,
+    **gate_options,
+):
+    """A copy of ``model`` with an attention gate in every layer, fine-tuned on ``task`` for cross-entropy +
+    the gates' eviction-rate loss towards ``target_keep``: the gates at ``gate_lr`` (they start from
+    scratch), the LM at ``lr`` (0 freezes it). Returns (model, history)."""
     tuned = copy.deepcopy(model)
     apply_policy(
         tuned, "attention_gate", target_keep=target_keep, eviction_weight=eviction_weight, **gate_options
     )
-    params = (
-        [p for n, p in tuned.named_parameters() if "cache_policy" in n] if gates_only else tuned.parameters()
-    )
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gates = [p for n, p in tuned.named_parameters() if ".cache_policy." in n]
+    rest = [p for n, p in tuned.named_parameters() if ".cache_policy." not in n]
+    groups = [{"params": gates, "lr": gate_lr}] + ([{"params": rest, "lr": lr}] if lr > 0 else [])
+    if lr <= 0:
+        for p in rest:
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     tuned.train()
     history = []
