@@ -19,13 +19,13 @@ from gatelab.cli import command
 TASKS = {  # (train options, eval options): eval contexts are 4x the training window
     "text": ({"seq_len": 128, "max_bytes": 1_000_000}, {"seq_len": 512, "max_bytes": 1_000_000}),
     "mqar": (
-        {"vocab_size": 160, "seq_len": 32, "num_kv_pairs": 4},
-        {"vocab_size": 160, "seq_len": 128, "num_kv_pairs": 4},
+        {"vocab_size": 72, "seq_len": 16, "num_kv_pairs": 4},
+        {"vocab_size": 72, "seq_len": 64, "num_kv_pairs": 4},
     ),
 }
-TRAIN = {  # base training and gate fine-tuning per task
-    "text": {"steps": 300, "batch_size": 16, "lr": 3e-3, "gate_steps": 80},
-    "mqar": {"steps": 400, "batch_size": 64, "lr": 3e-3, "gate_steps": 80},
+TRAIN = {  # base training and gate fine-tuning per task; eval sequences (batches x rows)
+    "text": {"steps": 300, "batch_size": 16, "lr": 3e-3, "gate_steps": 150, "eval": (1, 8)},
+    "mqar": {"steps": 500, "batch_size": 64, "lr": 3e-3, "gate_steps": 150, "eval": (4, 16)},
 }
 QUICK = {"steps": 4, "gate_steps": 2, "eval_len": 24, "eval_batches": 1, "eval_batch_size": 2}
 
@@ -72,8 +72,9 @@ def run_task(name: str, args, console) -> dict:
         f"{name}: trained {budget['steps']} steps at T={train_task.seq_len} in {trained.wall_s:.0f} s, "
         f"val loss {trained.final.get('loss', float('nan')):.3f}"
     )
-    n_batches = QUICK["eval_batches"] if args.quick else args.eval_batches
-    batch_size = QUICK["eval_batch_size"] if args.quick else args.eval_batch_size
+    n_batches, batch_size = budget.pop("eval")
+    n_batches = QUICK["eval_batches"] if args.quick else args.eval_batches or n_batches
+    batch_size = QUICK["eval_batch_size"] if args.quick else args.eval_batch_size or batch_size
     batches = eval_task.eval_batches(n_batches, batch_size, seed=args.seed)
     rows = []
 
@@ -187,8 +188,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--eval-batches", type=int, default=1)
-    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--eval-batches", type=int, default=None, help="evaluation batches (default per task)"
+    )
+    parser.add_argument("--eval-batch-size", type=int, default=None, help="rows per evaluation batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1,
