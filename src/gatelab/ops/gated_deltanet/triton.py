@@ -86,8 +86,14 @@ def _recurrence_bwd_kernel(
     tl.store(dh0 + i_bh * K * V + p_kv, b_g, mask=m_kv)
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    return triton.next_power_of_2(max(K, 16)), min(64, triton.next_power_of_2(max(V, 16)))
+def _blocks(K: int, V: int, cuda: bool) -> tuple[int, int, dict]:
+    """(BK, BV, launch options). On CUDA, V blocks of 32 with 8 warps keep the backward under Hopper's
+    227 KB of shared memory with few register spills when compiled for sm_90
+    (benchmarks/gpu_compile_check.py); not yet timed."""
+    BK = triton.next_power_of_2(max(K, 16))
+    if cuda:
+        return BK, min(32, triton.next_power_of_2(max(V, 16))), dict(num_warps=8, num_stages=2)
+    return BK, min(64, triton.next_power_of_2(max(V, 16))), {}
 
 
 class _Recurrence(torch.autograd.Function):
@@ -99,30 +105,16 @@ class _Recurrence(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         B, H, NT, L, K = w.shape
         V = u.shape[-1]
-        BK, BV = _blocks(K, V)
+        BK, BV, launch = _blocks(K, V, w.is_cuda)
         w, u, kd, dl = (x.contiguous() for x in (w, u, kd, dl))
         h = torch.empty(B, H, NT, K, V, dtype=torch.float32, device=w.device)
         delta = torch.empty(B, H, NT, L, V, dtype=torch.float32, device=w.device)
         ht = torch.empty(B, H, K, V, dtype=torch.float32, device=w.device)
         h0c = h0.float().contiguous() if h0 is not None else ht
         _recurrence_fwd_kernel[(triton.cdiv(V, BV), B * H)](
-            w,
-            u,
-            kd,
-            dl,
-            h0c,
-            h,
-            delta,
-            ht,
-            NT,
-            K,
-            V,
-            L=L,
-            BK=BK,
-            BV=BV,
-            HAS_H0=h0 is not None,
-            PRECISION=precision,
-        )
+            w, u, kd, dl, h0c, h, delta, ht, NT, K, V,
+            L=L, BK=BK, BV=BV, HAS_H0=h0 is not None, PRECISION=precision, **launch,
+        )  # fmt: skip
         ctx.save_for_backward(w, kd, dl, h, delta)
         ctx.options = (precision, h0 is not None)
         return h, delta, ht
@@ -133,7 +125,7 @@ class _Recurrence(torch.autograd.Function):
         precision, has_h0 = ctx.options
         B, H, NT, L, K = w.shape
         V = delta.shape[-1]
-        BK, BV = _blocks(K, V)
+        BK, BV, launch = _blocks(K, V, w.is_cuda)
         NV = triton.cdiv(V, BV)
         dh = torch.zeros_like(h) if dh is None else dh.float().contiguous()
         ddelta = torch.zeros_like(delta) if ddelta is None else ddelta.float().contiguous()
@@ -145,7 +137,7 @@ class _Recurrence(torch.autograd.Function):
         _recurrence_bwd_kernel[(NV, B * H)](
             w, kd, dl, h, delta, ddelta, dh, dht.float().contiguous() if dht is not None else dh0,
             du, dw, dkd, ddl, dh0, NT, K, V, B * H,
-            L=L, BK=BK, BV=BV, HAS_DHT=dht is not None, PRECISION=precision,
+            L=L, BK=BK, BV=BV, HAS_DHT=dht is not None, PRECISION=precision, **launch,
         )  # fmt: skip
         return dw.sum(0), du, dkd.sum(0), ddl.sum(0), (dh0 if has_h0 else None), None
 

@@ -224,18 +224,20 @@ def _bwd_dq_kernel(
 
 
 def _configs(x: torch.Tensor, D: int, DV: int) -> tuple[int, int, dict]:
-    """(BD, BV, launch options per kernel). The GPU blocks follow the shapes of the Triton
-    FlashAttention tutorial for Hopper and are not yet tuned; the interpreter takes 16 x 16 blocks."""
+    """(BD, BV, launch options per kernel). The GPU blocks start from the Triton FlashAttention tutorial's
+    shapes, chosen among a few by fewest register spills when compiled for sm_90
+    (benchmarks/gpu_compile_check.py); not yet timed. The interpreter takes 16 x 16 blocks."""
     BD, BV = triton.next_power_of_2(max(D, 16)), triton.next_power_of_2(max(DV, 16))
     if not x.is_cuda:
         tiny = dict(BM=16, BN=16)
-        return BD, BV, {"fwd": tiny, "dkdv": tiny, "dq": tiny}
+        return BD, BV, {"fwd": tiny, "prep": dict(BM=16), "dkdv": tiny, "dq": tiny}
     if max(BD, BV) > 128:  # fewer rows per block keeps the tiles in registers
         return (
             BD,
             BV,
             {
                 "fwd": dict(BM=64, BN=32, num_warps=4, num_stages=2),
+                "prep": dict(BM=16, num_warps=4),
                 "dkdv": dict(BM=16, BN=64, num_warps=4, num_stages=2),
                 "dq": dict(BM=64, BN=16, num_warps=4, num_stages=2),
             },
@@ -245,7 +247,8 @@ def _configs(x: torch.Tensor, D: int, DV: int) -> tuple[int, int, dict]:
         BV,
         {
             "fwd": dict(BM=128, BN=64, num_warps=8, num_stages=3),
-            "dkdv": dict(BM=32, BN=128, num_warps=8, num_stages=3),
+            "prep": dict(BM=32, num_warps=4),  # elementwise: 32 rows keep the [rows, V] tiles in registers
+            "dkdv": dict(BM=64, BN=64, num_warps=8, num_stages=3),
             "dq": dict(BM=128, BN=32, num_warps=8, num_stages=3),
         },
     )
@@ -278,7 +281,7 @@ class _GatedSoftmaxFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, gate, o, o_ungated, lse = ctx.saved_tensors
         causal, scale, gate_fn, BD, BV, configs = ctx.options
-        BM = configs["fwd"]["BM"]
+        BM = configs["prep"]["BM"]
         B, T, H, D = q.shape
         S, Hk, DV = k.shape[1], k.shape[2], v.shape[3]
         G = H // Hk
@@ -289,7 +292,7 @@ class _GatedSoftmaxFunction(torch.autograd.Function):
         delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         _bwd_preprocess_kernel[(triton.cdiv(T, BM), B * H)](
             do, o, o_ungated if o_ungated is not None else o, gate, do_ungated, dgate, delta, T, H, DV, H,
-            BM=BM, BV=BV, HEADWISE=headwise, GATE_FN=gate_fn, HAS_UNGATED=o_ungated is not None,
+            BV=BV, HEADWISE=headwise, GATE_FN=gate_fn, HAS_UNGATED=o_ungated is not None, **configs["prep"],
         )  # fmt: skip
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(B, S, H, D, dtype=q.dtype if G == 1 else torch.float32, device=q.device)

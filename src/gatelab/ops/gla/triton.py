@@ -263,6 +263,12 @@ def _chunk_cumsum(g: torch.Tensor, BT: int) -> torch.Tensor:
     return padded.view(B, NT, BT, H, K).cumsum(2).view(B, NT * BT, H, K)[:, :T].contiguous()
 
 
+def _launch(x: torch.Tensor) -> dict:
+    """Launch options on CUDA: 8 warps spill far fewer registers than 4 for these tiles when compiled for
+    sm_90 (benchmarks/gpu_compile_check.py); not yet timed."""
+    return dict(num_warps=8, num_stages=2) if x.is_cuda else {}
+
+
 def _blocks(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
     K, V = q.shape[-1], v.shape[-1]
     return triton.next_power_of_2(max(K, 16)), triton.next_power_of_2(max(V, 16))
@@ -286,11 +292,11 @@ class _GLAFunction(torch.autograd.Function):
         ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
         _fwd_h_kernel[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * H)](
             k, v, gc, h0 if h0 is not None else ht, h, ht, T, H, K, V, NT,
-            BT=BT, BK=BKs, BV=BVs, HAS_H0=h0 is not None, STORE_HT=True, PRECISION=precision,
+            BT=BT, BK=BKs, BV=BVs, HAS_H0=h0 is not None, STORE_HT=True, PRECISION=precision, **_launch(q),
         )  # fmt: skip
         o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
         _fwd_o_kernel[(triton.cdiv(V, BVs), NT * (BT // BC), B * H)](
-            q, k, v, gc, h, o, scale, T, H, K, V, NT, BT=BT, BC=BC, BK=BK, BV=BVs, PRECISION=precision
+            q, k, v, gc, h, o, scale, T, H, K, V, NT, BT=BT, BC=BC, BK=BK, BV=BVs, PRECISION=precision, **_launch(q)
         )
         ctx.save_for_backward(q, k, v, gc, h, ht)
         ctx.options = (scale, BT, h0 is not None, g.dtype)
@@ -314,7 +320,7 @@ class _GLAFunction(torch.autograd.Function):
         _bwd_dh_kernel[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), B * H)](
             q, do, gc, dht.float().contiguous() if dht is not None else dh, dh, dh0 if has_h0 else dh, scale,
             T, H, K, V, NT, BT=BT, BK=BKs, BV=BVs, HAS_DHT=dht is not None, STORE_DH0=has_h0,
-            PRECISION=precision,
+            PRECISION=precision, **_launch(q),
         )  # fmt: skip
         # dq and dk in fp32: dg is a difference of their products with q and k
         dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
@@ -322,7 +328,7 @@ class _GLAFunction(torch.autograd.Function):
         dv = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
         _bwd_dqkv_kernel[(NT * (BT // SUB), B * H)](
             q, k, v, gc, h, do, dh, dq, dk, dv, scale, T, H, K, V, NT,
-            BT=BT, BC=SUB, BK=BK, BV=BV, PRECISION=precision,
+            BT=BT, BC=SUB, BK=BK, BV=BV, PRECISION=precision, **_launch(q),
         )  # fmt: skip
         # G_t = cumulative log decay; dL/dG_t = q_t dq_t - k_t dk_t (+ S_T dS_T at t = T), dg = reverse cumsum
         dG = q.float() * dq - k.float() * dk  # (B, T, H, K)
