@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -67,10 +68,9 @@ def main() -> None:
 
             return run
 
-        fwd = time_side_by_side({n: forward(m) for n, m in mixers.items()}, repeats=args.repeats, device=args.device)
-        fb = time_side_by_side(
-            {n: forward_backward(m) for n, m in mixers.items()}, repeats=args.repeats, device=args.device
-        )
+        timing = {"repeats": args.repeats, "device": args.device, "clock": args.clock}
+        fwd = time_side_by_side({n: forward(m) for n, m in mixers.items()}, **timing)
+        fb = time_side_by_side({n: forward_backward(m) for n, m in mixers.items()}, **timing)
         for name, mixer in mixers.items():
             rows.append(
                 {

@@ -22,9 +22,10 @@ def clipped_softmax_chunk(q, k, v, *, zeta=1.0, gamma=0.0, causal=True, scale=No
     outputs = []
     for start in range(0, T, block_size):
         end = min(start + block_size, T)
-        scores = (qh[:, :, start:end] @ kh.transpose(-1, -2)).float() * scale  # (B, H, blk, S)
+        visible = end + S - T if causal else S  # causal: keys after the block's last query are all masked
+        scores = (qh[:, :, start:end] @ kh[:, :, :visible].transpose(-1, -2)).float() * scale  # (B, H, blk, S')
         if mask is not None:
-            scores = scores.masked_fill(~mask[start:end], float("-inf"))
+            scores = scores.masked_fill(~mask[start:end, :visible], float("-inf"))
         p = clip_probs(torch.softmax(scores, dim=-1), zeta, gamma).to(v.dtype)
-        outputs.append(p @ vh)  # (B, H, blk, V)
+        outputs.append(p @ vh[:, :, :visible])  # (B, H, blk, V)
     return torch.cat(outputs, dim=2).transpose(1, 2)  # (B, T, H, V)
