@@ -32,7 +32,9 @@ def build(name: str, d_model: int, heads: int, device: str, dtype: torch.dtype):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", type=int, default=1)
@@ -54,14 +56,14 @@ def main() -> None:
         x = torch.randn(args.batch, T, d_model, device=args.device, dtype=dtype)
         xg = x.clone().requires_grad_(True)
 
-        def forward(m):
+        def forward(m, x=x):
             def run():
                 with torch.no_grad():
                     m(x)
 
             return run
 
-        def forward_backward(m):
+        def forward_backward(m, xg=xg):
             def run():
                 y, _ = m(xg)
                 y.sum().backward()

@@ -23,7 +23,9 @@ def clipped_softmax_chunk(q, k, v, *, zeta=1.0, gamma=0.0, causal=True, scale=No
     for start in range(0, T, block_size):
         end = min(start + block_size, T)
         visible = end + S - T if causal else S  # causal: keys after the block's last query are all masked
-        scores = (qh[:, :, start:end] @ kh[:, :, :visible].transpose(-1, -2)).float() * scale  # (B, H, blk, S')
+        scores = (
+            qh[:, :, start:end] @ kh[:, :, :visible].transpose(-1, -2)
+        ).float() * scale  # (B, H, blk, S')
         if mask is not None:
             scores = scores.masked_fill(~mask[start:end, :visible], float("-inf"))
         p = clip_probs(torch.softmax(scores, dim=-1), zeta, gamma).to(v.dtype)
