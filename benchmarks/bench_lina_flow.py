@@ -129,6 +129,9 @@ def main() -> None:
     columns.append(f"time x vs T={args.lengths[0]}")
     print_table(f"lina / flow: forward+backward (median {args.clock} time), fp32", rows, columns)
     meta = {
+        "clock": args.clock,
+        "threads": torch.get_num_threads(),
+        "slow_repeats": args.slow_repeats,
         "batch": args.batch,
         "heads": args.heads,
         "head_dim": args.head_dim,
