@@ -168,3 +168,17 @@ def test_bad_inputs():
         lightning(q, k, v, decay, initial_state=h0[:1])
     with pytest.raises(ValueError, match="unknown backend"):
         lightning(q, k, v, decay, backend="fast")
+
+
+def test_chunk_groups_match(monkeypatch):
+    # long inputs run the intra-block part a group of blocks at a time; force one block per group
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("gatelab.ops.lightning.chunk"), "GROUP_ELEMENTS", 1)
+    q, k, v, decay, h0 = make_inputs(2, 100, 2, 8, 8, per_token=True)
+    o, s = lightning(
+        q, k, v, decay, initial_state=h0, output_final_state=True, chunk_size=16, backend="chunk"
+    )
+    o_ref, s_ref = lightning_reference(q, k, v, decay, initial_state=h0, output_final_state=True)
+    assert_close("o", o, o_ref)
+    assert_close("state", s, s_ref)

@@ -89,9 +89,11 @@ def scan_states(
     B, H, N, K, V = increments.shape
     state = increments.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     before = []
-    for n in range(N):
+    # unbind once: indexing [:, :, n] in the loop would make autograd write each step's gradient into a
+    # fresh zero tensor of the full (B, H, N, K, V) size, O(N^2) work in the backward pass
+    for decay, increment in zip(decays.unbind(2), increments.unbind(2)):
         before.append(state)
-        state = decays[:, :, n] * state + increments[:, :, n]
+        state = decay * state + increment
     return torch.stack(before, dim=2), state
 
 

@@ -12,6 +12,7 @@ import torch
 
 from gatelab.ops.common.chunk import causal_decay_matrix, chunk_cumsum, from_chunks, scan_states, to_chunks
 from gatelab.ops.common.varlen import run_packed
+from gatelab.ops.gla.chunk import GROUP_ELEMENTS
 
 from .reference import expand_decay
 
@@ -57,6 +58,11 @@ def lightning_chunk(
     increments = (kc * torch.exp(b_last - b)[..., None]).transpose(-1, -2) @ vc  # (B, H, N, K, V)
     states, final = scan_states(increments, torch.exp(b_last)[..., None], initial_state)
     o = (qc * torch.exp(b)[..., None]) @ states  # (B, H, N, C, V)
-    # Intra-block: (q k^T) * causal decay matrix, times values.
-    o = o + ((qc @ kc.transpose(-1, -2)) * causal_decay_matrix(b)) @ vc
+    # Intra-block: (q k^T) * causal decay matrix, times values; a group of blocks at a time so that the
+    # temporaries stay small (large ones come as fresh pages from the OS on every call, see gla's chunk).
+    B, H, N = qc.shape[:3]
+    group = max(1, GROUP_ELEMENTS // (B * H * C * max(C, K)))
+    pieces = zip(*(x.split(group, dim=2) for x in (qc, kc, b, vc)))
+    intra = [((qg @ kg.transpose(-1, -2)) * causal_decay_matrix(bg)) @ vg for qg, kg, bg, vg in pieces]
+    o = o + torch.cat(intra, dim=2)
     return from_chunks(o, T).to(q.dtype), (final if output_final_state else None)
