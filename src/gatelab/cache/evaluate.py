@@ -21,15 +21,16 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
     batches: [(inputs (B, T) long, targets (B, T) long with IGNORE on unlabelled positions)]. Every token
     is fed alone with the layer states, so each prediction sees exactly what the policy kept.
     Returns loss and accuracy over labelled positions, the decode speed (tokens/s), and cache memory:
-    bytes held per layer at the end, peak bytes held (all layers, max over steps) and the kept fraction
-    (kept tokens / tokens seen, mean over layers) at the end.
+    bytes held per layer at the end, peak bytes held (all layers, max over steps), the kept fraction
+    (kept tokens / tokens seen, mean over layers) and the held fraction (bytes allocated / bytes of a
+    full cache; above the kept fraction when heads keep different numbers of tokens) at the end.
     """
     was_training = model.training
     model.eval()
     if policy != "attention_gate":  # a gated model comes with its gates (see finetune_gates)
         apply_policy(model, policy, **options)
     loss_sum, hits, count, tokens, seconds, peak = 0.0, 0, 0, 0, 0.0, 0
-    per_layer, kept = None, []
+    per_layer, kept, held = None, [], []
     try:
         for inputs, targets in batches:
             B, T = inputs.shape
@@ -51,6 +52,9 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
             per_layer = cache_bytes(states)
             full = B * T * states[0].k.shape[2]  # tokens a full cache holds per layer
             kept.append(sum(layer["tokens"] for layer in per_layer) / (full * len(per_layer)))
+            k, v = states[0].k, states[0].v
+            full_bytes = full * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
+            held.append(sum(layer["held"] for layer in per_layer) / (full_bytes * len(per_layer)))
     finally:
         if policy != "attention_gate":
             remove_policy(model)
@@ -59,6 +63,7 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
         "loss": loss_sum / max(count, 1),
         "accuracy": hits / max(count, 1),
         "kept_fraction": sum(kept) / len(kept),
+        "held_fraction": sum(held) / len(held),
         "bytes_per_layer": [layer["held"] for layer in per_layer],
         "kept_bytes_per_layer": [layer["kept"] for layer in per_layer],
         "peak_cache_bytes": peak,

@@ -136,12 +136,14 @@ def plot(results: dict, path: Path) -> Path:
         metric = "accuracy" if task == "mqar" else "loss"
         rows = results["tasks"][task]["rows"]
         for policy in dict.fromkeys(r["policy"] for r in rows):
-            points = sorted((r["kept_fraction"], r[metric]) for r in rows if r["policy"] == policy)
+            points = sorted(
+                (r.get("held_fraction", r["kept_fraction"]), r[metric]) for r in rows if r["policy"] == policy
+            )
             style = (
                 {"linestyle": "--", "marker": "*", "markersize": 12} if policy == "full" else {"marker": "o"}
             )
             ax.plot([p[0] for p in points], [p[1] for p in points], label=policy, **style)
-        ax.set_xlabel("fraction of the KV cache held (measured)")
+        ax.set_xlabel("KV-cache bytes held / full cache (measured)")
         ax.set_ylabel(f"{metric} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
         ax.set_title(f"{task}: T={results['tasks'][task]['eval']['seq_len']} "
                      f"(trained at {results['tasks'][task]['train']['seq_len']})")  # fmt: skip
@@ -162,7 +164,9 @@ def markdown(results: dict) -> str:
         f"Wall time: {results['wall_s']:.0f} s",
         "",
         "Each row decodes the evaluation sequences token by token (teacher forcing) under the policy. "
-        "kept: tokens held / tokens seen at the end, mean over layers; bytes/layer: keys and values "
+        "kept: tokens held / tokens seen at the end, mean over layers; held: bytes allocated / bytes of "
+        "the full cache (padding included: attention-gate heads keep different numbers of tokens); "
+        "bytes/layer: keys and values "
         "allocated per layer at the end (all sequences); peak: most bytes held over all layers at any step.",
         "",
         "![quality vs memory](quality_vs_memory.png)",
@@ -172,13 +176,14 @@ def markdown(results: dict) -> str:
             "",
             f"## {task} (trained at T={entry['train']['seq_len']}, evaluated at T={entry['eval']['seq_len']})",
             "",
-            "| policy | budget | kept | loss | accuracy | bytes/layer | peak cache bytes | decode tok/s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| policy | budget | kept | held | loss | accuracy | bytes/layer | peak cache bytes | decode tok/s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in entry["rows"]:
             per_layer = "/".join(f"{b:,}" for b in r["bytes_per_layer"])
             lines.append(
-                f"| {r['policy']} | {r['budget']:.2f} | {r['kept_fraction']:.3f} | {r['loss']:.4f} | "
+                f"| {r['policy']} | {r['budget']:.2f} | {r['kept_fraction']:.3f} | {r.get('held_fraction', 0):.3f} | "
+                f"{r['loss']:.4f} | "
                 f"{r['accuracy']:.3f} | {per_layer} | {r['peak_cache_bytes']:,} | {r['tokens_per_s']:,.0f} |"
             )
     return "\n".join(lines) + "\n"
