@@ -127,3 +127,16 @@ def test_cache_command_quick(tmp_path):
     ).read_text()
     assert main(["cache", "--budgets", "0", "--out", str(out)]) == 2
     assert main(["cache", "--policies", "lru", "--out", str(out)]) == 2
+
+
+def test_bf16_hard_decode_against_fp32():
+    torch.manual_seed(0)
+    mixer = gatelab.make_mixer("gated_softmax", d_model=64, n_heads=4).eval()
+    mixer.cache_policy = saturated_gate(make_policy("attention_gate", mixer))
+    x = torch.randn(3, 15, 64)
+    with torch.no_grad():
+        expected, _ = mixer(x)  # fp32, evicted keys masked through the extra bias channel
+        mixer.to(torch.bfloat16)
+        decoded, state = run_decode(mixer, x.to(torch.bfloat16), 3)
+    assert state.k.shape[1] < 15
+    assert_close("bf16 decode with evictions", decoded.float(), expected, torch.bfloat16)

@@ -200,3 +200,15 @@ def test_errors():
     _, plain = build()(torch.randn(1, 3, 64))
     with pytest.raises(TypeError, match="PolicyCache"):
         mixer(torch.randn(1, 1, 64), state=plain)
+
+
+@pytest.mark.parametrize("case", ["h2o", "streaming_pre_rope", "attention_gate"])
+def test_bf16_decode_against_fp32_full_attention(case):
+    mixer = build("gated_softmax")
+    x = torch.randn(3, 13, 64)
+    with torch.no_grad():
+        expected, _ = mixer(x)  # fp32, plain KV cache
+        mixer.cache_policy = policy_for(mixer, case).eval()
+        mixer.to(torch.bfloat16)
+        decoded, _ = run_decode(mixer, x.to(torch.bfloat16), 5)
+    assert_close(f"{case} bf16 decode", decoded.float(), expected, torch.bfloat16)
