@@ -43,10 +43,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.repeats = [256], 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     d_model = args.heads * args.head_dim
     torch.manual_seed(0)

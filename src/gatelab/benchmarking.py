@@ -124,4 +124,7 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
             value = row.get(column, "")
             cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped into a log: keep whole column names
+    console.print(table)
