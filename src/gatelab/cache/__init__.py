@@ -91,7 +91,7 @@ def eviction_loss(model: nn.Module):
 
 def kept_fraction(model: nn.Module) -> float | None:
     """Mean kept fraction of the attention gates' last forward, or None without gates."""
-    values = [float(m.cache_policy.last_keep.detach()) for m in attention_mixers(model) if _gate(m)]
+    values = [float(m.cache_policy.last_keep.detach().mean()) for m in attention_mixers(model) if _gate(m)]
     return sum(values) / len(values) if values else None
 
 

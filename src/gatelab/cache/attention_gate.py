@@ -7,8 +7,9 @@ the attention scores as log-gates, score_ij + log sigmoid(s_j). With ``relaxatio
 (the default) the forward pass uses the hard flags (s > 0: bias 0, else MASKED), exactly what inference
 does, and the backward pass the log-gate's gradient; ``"soft"`` uses log sigmoid(s_j) in the forward
 too (measured here: a large gap between training and hard inference, see the report). The kept
-fraction is measured with straight-through hard flags for the eviction-rate loss
-``eviction_weight * (kept - target_keep) ** 2``.
+fraction of each KV head is measured with straight-through hard flags for the eviction-rate loss
+``eviction_weight * mean_heads (kept_head - target_keep) ** 2``: per head, so that no head keeps
+everything while another keeps little (the cache is rectangular, padded to its longest head).
 Inference (eval mode): hard flags; an evicted token's key gets a MASKED score (exp underflows to 0,
 so it is hidden even from its own query) and is dropped from the cache after the chunk.
 
@@ -76,7 +77,7 @@ class AttentionGatePolicy(CachePolicy):
         self.target_keep, self.eviction_weight = float(target_keep), float(eviction_weight)
         self.relaxation = relaxation
         self.gate = AttentionGate(d_model, kv_heads, d_gate, kernel, init_keep)
-        self.last_keep: torch.Tensor | None = None  # straight-through kept fraction of the last forward
+        self.last_keep: torch.Tensor | None = None  # (Hkv,) straight-through kept fractions, last forward
 
     def token_bias(self, mixer, x, state: PolicyCache | None, positions):
         logits, gate_state = self.gate(x, None if state is None else state.gate_state)  # (B, T, Hkv)
@@ -85,21 +86,24 @@ class AttentionGatePolicy(CachePolicy):
         if self.training:
             soft = torch.sigmoid(logits)
             flags = hard.float() + soft - soft.detach()  # straight-through: forward 0/1, backward sigmoid'
-            self.last_keep = torch.where(first, torch.ones_like(flags), flags).mean()
+            # kept fraction per KV head: a per-head target keeps the heads' cache lengths (and the
+            # padding of the rectangular cache) balanced
+            self.last_keep = torch.where(first, torch.ones_like(flags), flags).mean(dim=(0, 1))  # (Hkv,)
             bias = F.logsigmoid(logits.float()).masked_fill(first, 0.0)
             if self.relaxation == "straight_through":  # forward: the hard mask; backward: the log-gate's
                 hard_bias = torch.zeros_like(bias).masked_fill(~hard, MASKED)
                 bias = hard_bias + bias - bias.detach()
         else:
-            self.last_keep = hard.float().mean()
+            self.last_keep = hard.float().mean(dim=(0, 1))
             bias = torch.zeros(hard.shape, device=x.device).masked_fill(~hard, MASKED)
         return bias, gate_state
 
     def eviction_loss(self) -> torch.Tensor:
-        """eviction_weight * (kept fraction - target_keep) ** 2 for the last forward (straight-through)."""
+        """eviction_weight * mean over KV heads of (kept fraction - target_keep) ** 2 for the last forward
+        (straight-through flags)."""
         if self.last_keep is None:
             raise RuntimeError("eviction_loss() needs a forward pass first")
-        return self.eviction_weight * (self.last_keep - self.target_keep) ** 2
+        return self.eviction_weight * ((self.last_keep - self.target_keep) ** 2).mean()
 
     def evict(self, cache, probs):
         if self.training or cache.bias is None:
