@@ -1,10 +1,16 @@
-"""What the linear-attention mixers share: the decoding state they carry between calls."""
+"""What the linear-attention mixers share: the decoding state they carry between calls, the state check,
+the head-dim config and the q/k/v/o projections with their GPT-2 style init."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
+
+from ._base import Mixer, MixerConfig, check_positive
 
 
 @dataclass
@@ -25,3 +31,73 @@ class RecurrentState:
         tensors = self.state if isinstance(self.state, tuple) else (self.state,)
         tensors = tensors + tuple(self.conv.values())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class HeadDimConfig(MixerConfig):
+    """A config with one head dim for q, k and v: ``head_dim`` or, when None, d_model // n_heads."""
+
+    head_dim: int | None = None  # None: d_model // n_heads
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("head_dim", self.head_dim, allow_none=True)
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim"
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+def gpt2_init(inputs: Iterable[nn.Linear], output: nn.Linear, std: float, n_layers: int) -> None:
+    """GPT-2 style init: weights N(0, std), the output projection's scaled by 1/sqrt(2 * n_layers); zero
+    biases."""
+    inputs = tuple(inputs)
+    for lin in inputs:
+        nn.init.normal_(lin.weight, std=std)
+    nn.init.normal_(output.weight, std=std / math.sqrt(2 * n_layers))
+    for lin in (*inputs, output):
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+
+
+class LinearMixer(Mixer):
+    """Base class of the mixers whose decoding state is a RecurrentState."""
+
+    def carried(self, state) -> tuple[torch.Tensor | tuple[torch.Tensor, ...] | None, int]:
+        """The op's ``initial_state`` and the number of tokens seen so far, from the state this mixer
+        returned (None: a fresh sequence)."""
+        if state is None:
+            return None, 0
+        if not isinstance(state, RecurrentState):
+            raise TypeError(
+                f"state must be the RecurrentState this mixer returned, got {type(state).__name__}"
+            )
+        return state.state, state.length
+
+
+class QKVLinearMixer(LinearMixer):
+    """A LinearMixer with q, k, v projections d_model -> H * D and an output projection back, from a
+    HeadDimConfig with a ``bias`` option."""
+
+    def __init__(self, config: HeadDimConfig):
+        super().__init__(config)
+        c = config
+        width = c.n_heads * c.dim
+        self.q_proj = nn.Linear(c.d_model, width, bias=c.bias)
+        self.k_proj = nn.Linear(c.d_model, width, bias=c.bias)
+        self.v_proj = nn.Linear(c.d_model, width, bias=c.bias)
+        self.o_proj = nn.Linear(width, c.d_model, bias=c.bias)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d_model) -> q, k, v (B, T, H, D)."""
+        B, T, _ = x.shape
+        H, D = self.config.n_heads, self.config.dim
+        return tuple(proj(x).view(B, T, H, D) for proj in (self.q_proj, self.k_proj, self.v_proj))
+
+    def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
+        """GPT-2 style init of the projections (other parameters keep theirs)."""
+        gpt2_init((self.q_proj, self.k_proj, self.v_proj), self.o_proj, std, n_layers)

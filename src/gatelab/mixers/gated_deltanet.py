@@ -14,8 +14,8 @@ from gatelab.ops.common.short_conv import short_conv
 from gatelab.ops.gated_deltanet import BACKENDS, gated_deltanet, gated_deltanet_attention_matrix, l2_normalize
 from gatelab.registry import MechanismSpec, register
 
-from ._base import Mixer, MixerConfig, check_positive
-from ._linear import RecurrentState
+from ._base import MixerConfig, check_positive
+from ._linear import LinearMixer, RecurrentState, gpt2_init
 
 
 @dataclass
@@ -63,7 +63,7 @@ class GatedDeltaNetConfig(MixerConfig):
         return int(self.expand_v * self.key_dim)
 
 
-class GatedDeltaNet(Mixer):
+class GatedDeltaNet(LinearMixer):
     """x (B, T, d_model) -> y (B, T, d_model); state: RecurrentState with the (B, H, K, V) fp32 memory and
     the last conv_size - 1 projected q/k/v inputs in ``conv`` ("q", "k": (B, W-1, H*K); "v": (B, W-1, H*V)).
 
@@ -96,9 +96,8 @@ class GatedDeltaNet(Mixer):
     def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
         """GPT-2 style projections; conv taps as nn.Conv1d; A and dt_bias as Mamba2."""
         c = self.config
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj):
-            nn.init.normal_(lin.weight, std=std)
-        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * n_layers))
+        inputs = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj)
+        gpt2_init(inputs, self.o_proj, std, n_layers)
         for w in (self.q_conv, self.k_conv, self.v_conv):
             bound = 1 / math.sqrt(c.conv_size)  # nn.Conv1d's default for a depthwise kernel (fan_in = W)
             nn.init.uniform_(w, -bound, bound)
@@ -126,18 +125,11 @@ class GatedDeltaNet(Mixer):
     def _check_state(self, state, B: int) -> None:
         if state is None:
             return
-        if not isinstance(state, RecurrentState):
-            raise TypeError(
-                f"state must be the RecurrentState this mixer returned, got {type(state).__name__}"
-            )
+        memory, _ = self.carried(state)
         c = self.config
         expected = (B, c.n_heads, c.key_dim, c.value_dim)
-        if not isinstance(state.state, torch.Tensor) or tuple(state.state.shape) != expected:
-            shape = (
-                tuple(state.state.shape)
-                if isinstance(state.state, torch.Tensor)
-                else type(state.state).__name__
-            )
+        if not isinstance(memory, torch.Tensor) or tuple(memory.shape) != expected:
+            shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
             raise ValueError(f"state.state must have shape (B, H, K, V) = {expected}, got {shape}")
 
     def _forward(self, x, state, return_internals):

@@ -10,7 +10,6 @@ positive, which keeps the normaliser positive. ``gate="none"`` is plain normalis
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +19,14 @@ from gatelab.ops.common.checks import check_choice
 from gatelab.ops.lina import BACKENDS, FEATURE_MAPS, lina, lina_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
-from ._base import Mixer, MixerConfig, check_positive
-from ._linear import RecurrentState
+from ._base import check_positive
+from ._linear import HeadDimConfig, QKVLinearMixer, RecurrentState
 
 GATES = ("kv", "input", "none")
 
 
 @dataclass
-class LinaConfig(MixerConfig):
-    head_dim: int | None = None  # None: d_model // n_heads
+class LinaConfig(HeadDimConfig):
     gate: str = "kv"  # "kv": LINA's per-(head, position) scales; "input": from x; "none"
     max_len: int = 1024  # positions the "kv" gate has parameters for (the lab LM's default max_seq_len)
     feature_map: str = "relu"  # LINA's ReLU + 1e-6; "elu" (ELU + 1)
@@ -38,7 +36,6 @@ class LinaConfig(MixerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive("head_dim", self.head_dim, allow_none=True)
         check_positive("max_len", self.max_len)
         check_positive("chunk_size", self.chunk_size)
         check_choice("gate", self.gate, GATES)
@@ -46,17 +43,9 @@ class LinaConfig(MixerConfig):
         check_choice("backend", self.backend, ("auto", *BACKENDS))
         if not isinstance(self.eps, int | float) or self.eps < 0:
             raise ValueError(f"eps must be a number >= 0, got {self.eps!r}")
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim"
-            )
-
-    @property
-    def dim(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
 
 
-class LinaAttention(Mixer):
+class LinaAttention(QKVLinearMixer):
     """q, k, v projections, the KV gate, ``ops.lina``, output projection; state = RecurrentState with the
     (B, H, K, V+1) sums (S and the normaliser z) when causal."""
 
@@ -65,11 +54,7 @@ class LinaAttention(Mixer):
     def __init__(self, config: LinaConfig):
         super().__init__(config)
         c = config
-        H, D = c.n_heads, c.dim
-        self.q_proj = nn.Linear(c.d_model, H * D, bias=c.bias)
-        self.k_proj = nn.Linear(c.d_model, H * D, bias=c.bias)
-        self.v_proj = nn.Linear(c.d_model, H * D, bias=c.bias)
-        self.o_proj = nn.Linear(H * D, c.d_model, bias=c.bias)
+        H = c.n_heads
         if c.gate == "kv":
             self.key_scale = nn.Parameter(torch.ones(H, c.max_len))  # (H, N), ones as the paper's code
             self.value_scale = nn.Parameter(torch.ones(H, c.max_len))
@@ -99,14 +84,8 @@ class LinaAttention(Mixer):
         c = self.config
         B, T, _ = x.shape
         H, D = c.n_heads, c.dim
-        if state is not None and not isinstance(state, RecurrentState):
-            raise TypeError(
-                f"state must be the RecurrentState this mixer returned, got {type(state).__name__}"
-            )
-        q = self.q_proj(x).view(B, T, H, D)
-        k = self.k_proj(x).view(B, T, H, D)
-        v = self.v_proj(x).view(B, T, H, D)
-        start = 0 if state is None else state.length
+        initial_state, start = self.carried(state)
+        q, k, v = self.project_qkv(x)  # (B, T, H, D)
         key_gate, value_gate = self.gates(x, start)
         if key_gate is not None:
             key_gate, value_gate = key_gate.to(q.dtype), value_gate.to(q.dtype)
@@ -120,7 +99,7 @@ class LinaAttention(Mixer):
             feature_map=c.feature_map,
             eps=c.eps,
             chunk_size=c.chunk_size,
-            initial_state=None if state is None else state.state,
+            initial_state=initial_state,
             output_final_state=c.causal,
             backend=c.backend,
         )  # (B, T, H, D)
@@ -138,15 +117,6 @@ class LinaAttention(Mixer):
                 )
                 internals["attn"] = P * gv.permute(0, 2, 1)[:, :, None, :]  # o_t = sum_s attn[t, s] v_s
         return y, new_state, internals
-
-    def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
-        """GPT-2 style init for the projections; gates keep their start at 1."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(lin.weight, std=std)
-        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * n_layers))
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
 
 
 register(
