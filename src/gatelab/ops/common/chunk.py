@@ -1,5 +1,5 @@
 """Chunk utilities for chunkwise-parallel linear attention: cut (B, T, H, D) into chunks, stable decay
-products inside a chunk, and the sequential scan of chunk states.
+products inside a chunk, the sequential scan of chunk states, and decay-free causal linear attention.
 
 Numerical rule: decays live in log space and every factor we exponentiate is a difference b_i - b_j with
 i at or after j, so it is <= 0 and exp() never overflows. Cumulative log decays are always taken *within*
@@ -97,6 +97,45 @@ def scan_states(
     return torch.stack(before, dim=2), state
 
 
+def causal_linear_attention_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention without decay, o_t = q_t (S_0 + sum_{s<=t} k_s^T v_s), in chunks of
+    ``chunk_size`` tokens, with autograd.
+
+    Args:
+        q, k: (B, T, H, K) fp32 (already through the feature map).
+        v: (B, T, H, V) fp32.
+        initial_state: (B, H, K, V) fp32 or None.
+    Returns:
+        o (B, T, H, V) and the final state (B, H, K, V), both fp32.
+    """
+    T = q.shape[1]
+    C = min(chunk_size, T)
+    # zero-padded keys and values add nothing to any state
+    qc, kc, vc = (to_chunks(x, C, dtype=None) for x in (q, k, v))  # (B, H, N, C, K), v: (B, H, N, C, V)
+    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)  # (B, H, N, C, C) inside each chunk
+    o = scores @ vc  # (B, H, N, C, V)
+    kv = kc.transpose(-1, -2) @ vc  # (B, H, N, K, V): each chunk's contribution
+    inclusive = kv.cumsum(dim=2)
+    before = torch.cat(
+        [torch.zeros_like(kv[:, :, :1]), inclusive[:, :, :-1]], dim=2
+    )  # state entering chunk n
+    final = inclusive[:, :, -1]
+    if initial_state is not None:
+        before = before + initial_state[:, :, None]
+        final = final + initial_state
+    o = o + qc @ before
+    return from_chunks(o, T), final  # (B, T, H, V)
+
+
+def global_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional: o_t = q_t sum_s k_s^T v_s. q, k (B, T, H, K), v (B, T, H, V) -> (B, T, H, V)."""
+    kv = torch.einsum("bshk,bshv->bhkv", k, v)  # (B, H, K, V)
+    return torch.einsum("bthk,bhkv->bthv", q, kv)
+
+
 __all__ = [
     "pad_time",
     "to_chunks",
@@ -105,4 +144,6 @@ __all__ = [
     "causal_decay_matrix",
     "pairwise_decay",
     "scan_states",
+    "causal_linear_attention_chunk",
+    "global_linear_attention",
 ]

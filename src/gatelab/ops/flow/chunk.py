@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.lina.chunk import causal_linear_attention_chunk, global_linear_attention
+from gatelab.ops.common.chunk import causal_linear_attention_chunk, global_linear_attention
 
 from .state import FlowState
 
