@@ -51,11 +51,8 @@ def gated_deltanet_chunk(
     output_final_state: bool = False,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise Gated DeltaNet, computed in fp32. Shapes as :func:`gatelab.ops.gated_deltanet`.
-
-    q, k (B, T, H, K); v (B, T, H, V); g, beta (B, T, H); initial_state (B, H, K, V).
-    Returns o (B, T, H, V) in q's dtype and the final state (B, H, K, V) fp32 (or None).
-    """
+    """Chunkwise Gated DeltaNet, computed in fp32; arguments and shapes as
+    :func:`gatelab.ops.gated_deltanet`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

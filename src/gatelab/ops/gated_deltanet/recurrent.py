@@ -37,7 +37,8 @@ def gated_deltanet_recurrent(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token loop over :func:`gated_deltanet_step` in fp32. Shapes as :func:`gated_deltanet`."""
+    """Token loop over :func:`gated_deltanet_step` in fp32; arguments and shapes as
+    :func:`gatelab.ops.gated_deltanet`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

@@ -17,11 +17,8 @@ def gated_deltanet_reference(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = q_t S_t (q a row).
-
-    q, k (B, T, H, K); v (B, T, H, V); g (B, T, H) log decay, alpha_t = exp(g_t); beta (B, T, H);
-    initial_state (B, H, K, V). Returns o (B, T, H, V) in q's dtype and the final state (B, H, K, V) fp32.
-    """
+    """S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = q_t S_t (q a row), alpha_t =
+    exp(g_t); arguments and shapes as :func:`gatelab.ops.gated_deltanet`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

@@ -187,19 +187,8 @@ def gated_deltanet_triton(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated DeltaNet, chunked, with autograd.
-
-    Args:
-        q, k: (B, T, H, K) (the rule assumes unit-norm keys); v: (B, T, H, V).
-        g: (B, T, H) log decay (<= 0); beta: (B, T, H) write strength in [0, 1].
-        scale: query scale, default K ** -0.5.
-        initial_state: (B, H, K, V) (or (N, H, K, V) with cu_seqlens); used in fp32.
-        output_final_state: also return the state after the last step.
-        cu_seqlens: (N+1,) offsets of N packed sequences (B must be 1).
-        chunk_size: tokens per chunk; rounded up to a power of two in [16, 64] (a speed option only).
-    Returns:
-        o: (B, T, H, V) in q's dtype; final_state: (B, H, K, V) fp32 or None.
-    """
+    """Gated DeltaNet, chunked, with autograd; arguments and shapes as :func:`gatelab.ops.gated_deltanet`
+    (``chunk_size`` is rounded up to a power of two in [16, 64], a speed option only)."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if k.shape[-1] > 256:
