@@ -2,65 +2,33 @@
 
 import pytest
 import torch
+from helpers import (
+    SPARSE_FLEX_CASES,
+    SPARSE_SHAPES,
+    check_decode_matches_parallel,
+    check_dense_when_nothing_is_pruned,
+    check_flex_matches_reference,
+)
+from helpers import qkv_inputs as inputs
 
 from gatelab.ops.hip import hip, hip_select
-from gatelab.ops.softmax import softmax
-from gatelab.testing import TOLERANCE, assert_close, compare_grads
+from gatelab.testing import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-SHAPES = [(1, 1, 2, 16), (3, 63, 2, 60), (2, 65, 4, 32)]  # (B, T, H, D)
 
-
-def inputs(B, T, H, D, Hkv=None, dtype=torch.float32):
-    """q, k, v rounded to ``dtype`` (so a reference in fp32 sees the very values the fast path sees)."""
-    Hkv = Hkv or H
-    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
-    return tuple(x.to(dtype) for x in (q, k, v))
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 def test_full_budget_is_dense_attention(shape, causal):
-    B, T, H, D = shape
-    tensors = dict(zip("qkv", inputs(B, T, H, D, Hkv=1 if H > 1 else None)))
-    for t in tensors.values():
-        t.requires_grad_(True)
-    options = dict(topk=T, block_size_k=4, sinks=0, window=0, causal=causal)
-    compare_grads(
-        tensors,
-        lambda x: hip(x["q"], x["k"], x["v"], backend="reference", **options),
-        lambda x: softmax(x["q"], x["k"], x["v"], causal=causal, backend="reference"),
-        torch.float32,
-    )
-    with torch.no_grad():
-        o = hip(*tensors.values(), backend="flex", **options)
-    assert_close("flex at full budget", o, softmax(*tensors.values(), causal=causal, backend="reference"))
+    options = dict(topk=shape[1], block_size_k=4, sinks=0, window=0, causal=causal)
+    check_dense_when_nothing_is_pruned(hip, shape, "flex at full budget", **options)
 
 
-FLEX_CASES = [  # (shape, dtype, block_size_q, causal): every shape, dtype, query block and mask direction
-    ((1, 1, 2, 16), torch.float32, 1, True),
-    ((3, 63, 2, 60), torch.float32, 1, True),
-    ((3, 63, 2, 60), torch.bfloat16, 16, True),
-    ((2, 65, 4, 32), torch.bfloat16, 1, True),
-    ((2, 65, 4, 32), torch.float32, 16, False),
-    ((3, 63, 2, 60), torch.bfloat16, 1, False),
-]
-
-
-@pytest.mark.parametrize("shape, dtype, block_size_q, causal", FLEX_CASES, ids=str)
+@pytest.mark.parametrize("shape, dtype, block_size_q, causal", SPARSE_FLEX_CASES, ids=str)
 def test_flex_matches_reference(shape, dtype, block_size_q, causal):
-    B, T, H, D = shape
-    q, k, v = inputs(B, T, H, D, dtype=dtype)
     options = dict(topk=2, block_size_q=block_size_q, block_size_k=8, sinks=2, window=4, causal=causal)
-    with torch.no_grad():
-        o = hip(q, k, v, backend="flex", **options)
-    expected = hip(q.float(), k.float(), v.float(), backend="reference", **options)
-    assert o.dtype == dtype
-    assert_close("hip flex", o.float(), expected, dtype)
-    if T > 8 * 2 + 4:  # some keys are pruned: HiP is not dense attention here
-        dense = softmax(q.float(), k.float(), v.float(), causal=causal, backend="reference")
-        assert (expected - dense).abs().max() > 10 * TOLERANCE[dtype]
+    pruned = shape[1] > 8 * 2 + 4  # some keys are pruned: HiP is not dense attention here
+    check_flex_matches_reference(hip, shape, dtype, "hip flex", pruned, **options)
 
 
 def test_mask_keeps_topk_blocks_in_the_causal_past():
@@ -90,11 +58,7 @@ def test_hierarchy_finds_the_relevant_key_blocks():
 
 def test_decode_reproduces_the_parallel_pass():
     """block_size_q=1: a query's mask depends only on itself and the keys up to it."""
-    q, k, v = inputs(2, 40, 2, 16)
-    options = dict(topk=2, block_size_k=4, sinks=1, window=3, backend="reference")
-    full = hip(q, k, v, **options)
-    steps = [hip(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], **options) for t in range(40)]
-    assert_close("decode", torch.cat(steps, dim=1), full)
+    check_decode_matches_parallel(hip, topk=2, block_size_k=4, sinks=1, window=3, backend="reference")
 
 
 def test_errors():

@@ -5,40 +5,29 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    SPARSE_FLEX_CASES,
+    SPARSE_SHAPES,
+    check_decode_matches_parallel,
+    check_dense_when_nothing_is_pruned,
+    check_flex_matches_reference,
+)
+from helpers import qkv_inputs as inputs
 
 from gatelab.ops.psa import psa, psa_levels
 from gatelab.ops.softmax import softmax
-from gatelab.testing import TOLERANCE, assert_close, compare_grads
+from gatelab.testing import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 BUDGET = (0.25, 0.25, 0.2, 0.2)
 
 
-def inputs(B, T, H, D, Hkv=None, dtype=torch.float32):
-    """q, k, v rounded to ``dtype`` (so a reference in fp32 sees the very values the fast path sees)."""
-    Hkv = Hkv or H
-    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
-    return tuple(x.to(dtype) for x in (q, k, v))
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 2, 16), (3, 63, 2, 60), (2, 65, 4, 32)], ids=str)
+@pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 def test_all_blocks_at_level_one_is_dense_attention(shape, causal):
-    B, T, H, D = shape
-    tensors = dict(zip("qkv", inputs(B, T, H, D, Hkv=1 if H > 1 else None)))
-    for t in tensors.values():
-        t.requires_grad_(True)
     options = dict(budget=(1.0, 0.0, 0.0, 0.0), block_size_k=8, causal=causal)
-    compare_grads(
-        tensors,
-        lambda x: psa(x["q"], x["k"], x["v"], backend="reference", **options),
-        lambda x: softmax(x["q"], x["k"], x["v"], causal=causal, backend="reference"),
-        torch.float32,
-    )
-    with torch.no_grad():
-        o = psa(*tensors.values(), backend="flex", **options)
-    assert_close("flex at level 1", o, softmax(*tensors.values(), causal=causal, backend="reference"))
+    check_dense_when_nothing_is_pruned(psa, shape, "flex at level 1", **options)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -58,29 +47,11 @@ def test_pooled_key_stands_for_its_tokens(causal):
     assert_close("psa flex", psa(q, k, v, backend="flex", **options), dense)
 
 
-FLEX_CASES = [  # (shape, dtype, block_size_q, causal)
-    ((1, 1, 2, 16), torch.float32, 1, True),
-    ((3, 63, 2, 60), torch.float32, 1, True),
-    ((3, 63, 2, 60), torch.bfloat16, 16, True),
-    ((2, 65, 4, 32), torch.bfloat16, 1, True),
-    ((2, 65, 4, 32), torch.float32, 16, False),
-    ((3, 63, 2, 60), torch.bfloat16, 1, False),
-]
-
-
-@pytest.mark.parametrize("shape, dtype, block_size_q, causal", FLEX_CASES, ids=str)
+@pytest.mark.parametrize("shape, dtype, block_size_q, causal", SPARSE_FLEX_CASES, ids=str)
 def test_flex_matches_reference(shape, dtype, block_size_q, causal):
-    B, T, H, D = shape
-    q, k, v = inputs(B, T, H, D, dtype=dtype)
     options = dict(budget=BUDGET, block_size_q=block_size_q, block_size_k=8, causal=causal)
-    with torch.no_grad():
-        o = psa(q, k, v, backend="flex", **options)
-    expected = psa(q.float(), k.float(), v.float(), backend="reference", **options)
-    assert o.dtype == dtype
-    assert_close("psa flex", o.float(), expected, dtype)
-    if T > 16:  # blocks are pooled or skipped: PSA is not dense attention here
-        dense = softmax(q.float(), k.float(), v.float(), causal=causal, backend="reference")
-        assert (expected - dense).abs().max() > 10 * TOLERANCE[dtype]
+    pruned = shape[1] > 16  # blocks are pooled or skipped: PSA is not dense attention here
+    check_flex_matches_reference(psa, shape, dtype, "psa flex", pruned, **options)
 
 
 def test_levels_follow_the_budget():
@@ -114,11 +85,7 @@ def test_most_important_blocks_get_the_finest_level():
 
 
 def test_decode_reproduces_the_parallel_pass():
-    q, k, v = inputs(2, 40, 2, 16)
-    options = dict(budget=BUDGET, block_size_k=8, backend="reference")
-    full = psa(q, k, v, **options)
-    steps = [psa(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], **options) for t in range(40)]
-    assert_close("decode", torch.cat(steps, dim=1), full)
+    check_decode_matches_parallel(psa, budget=BUDGET, block_size_k=8, backend="reference")
 
 
 def test_errors():

@@ -1,0 +1,100 @@
+"""Helpers several test files share; tests/ is on sys.path because it holds the root conftest.py.
+
+Sparse softmax attention (hip, psa): inputs, shapes and the checks against dense attention and against
+the reference backend. Triton: the device, and importing kernels under the interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from gatelab.ops.softmax import softmax
+from gatelab.testing import TOLERANCE, assert_close, compare_grads
+
+# Sparse attention ------------------------------------------------------------------------------------
+
+SPARSE_SHAPES = [(1, 1, 2, 16), (3, 63, 2, 60), (2, 65, 4, 32)]  # (B, T, H, D)
+
+# (shape, dtype, block_size_q, causal): every shape, dtype, query block and mask direction
+SPARSE_FLEX_CASES = [
+    ((1, 1, 2, 16), torch.float32, 1, True),
+    ((3, 63, 2, 60), torch.float32, 1, True),
+    ((3, 63, 2, 60), torch.bfloat16, 16, True),
+    ((2, 65, 4, 32), torch.bfloat16, 1, True),
+    ((2, 65, 4, 32), torch.float32, 16, False),
+    ((3, 63, 2, 60), torch.bfloat16, 1, False),
+]
+
+
+def qkv_inputs(B, T, H, D, Hkv=None, dtype=torch.float32):
+    """q, k, v rounded to ``dtype`` (so a reference in fp32 sees the very values the fast path sees)."""
+    Hkv = Hkv or H
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    return tuple(x.to(dtype) for x in (q, k, v))
+
+
+def check_dense_when_nothing_is_pruned(op, shape, label: str, **options) -> None:
+    """``op`` with options that keep every key is dense softmax attention: the reference backend's output
+    and every gradient (GQA with one key/value head when H > 1), and the flex backend's output."""
+    B, T, H, D = shape
+    causal = options["causal"]
+    tensors = dict(zip("qkv", qkv_inputs(B, T, H, D, Hkv=1 if H > 1 else None)))
+    for t in tensors.values():
+        t.requires_grad_(True)
+    compare_grads(
+        tensors,
+        lambda x: op(x["q"], x["k"], x["v"], backend="reference", **options),
+        lambda x: softmax(x["q"], x["k"], x["v"], causal=causal, backend="reference"),
+        torch.float32,
+    )
+    with torch.no_grad():
+        o = op(*tensors.values(), backend="flex", **options)
+    assert_close(label, o, softmax(*tensors.values(), causal=causal, backend="reference"))
+
+
+def check_flex_matches_reference(op, shape, dtype, label: str, pruned: bool, **options) -> None:
+    """The flex backend in ``dtype`` against the fp32 reference on the same (rounded) inputs; when
+    ``pruned`` (keys are dropped at this length), the reference must also differ from dense attention."""
+    B, T, H, D = shape
+    q, k, v = qkv_inputs(B, T, H, D, dtype=dtype)
+    with torch.no_grad():
+        o = op(q, k, v, backend="flex", **options)
+    expected = op(q.float(), k.float(), v.float(), backend="reference", **options)
+    assert o.dtype == dtype
+    assert_close(label, o.float(), expected, dtype)
+    if pruned:
+        dense = softmax(q.float(), k.float(), v.float(), causal=options["causal"], backend="reference")
+        assert (expected - dense).abs().max() > 10 * TOLERANCE[dtype]
+
+
+def check_decode_matches_parallel(op, **options) -> None:
+    """Each query alone against the keys up to it (decoding) gives the parallel pass's output."""
+    q, k, v = qkv_inputs(2, 40, 2, 16)
+    full = op(q, k, v, **options)
+    steps = [op(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], **options) for t in range(40)]
+    assert_close("decode", torch.cat(steps, dim=1), full)
+
+
+# Triton ----------------------------------------------------------------------------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = DEVICE == "cpu"
+
+
+@contextlib.contextmanager
+def triton_interpreted():
+    """Import Triton kernels inside this block: on CPU they are built as interpreted functions, which
+    needs TRITON_INTERPRET=1 at their import. The variable is removed again afterwards, so that
+    backend="auto" in the rest of the suite keeps choosing the CPU paths; the ``triton_interpreter``
+    fixture (tests/ops/conftest.py) sets it only while the kernel tests run."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if INTERPRET and saved is None:
+            del os.environ["TRITON_INTERPRET"]
