@@ -3,39 +3,21 @@
 Runs on a GPU when there is one, else on CPU under the Triton interpreter at tiny shapes.
 """
 
-import os
-
 import pytest
 import torch
+from helpers import DEVICE, triton_interpreted
 
 from gatelab import ops
 from gatelab.ops.gated_softmax.reference import gated_softmax_reference
 from gatelab.testing import compare_grads, nan_poison
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = DEVICE == "cpu"
-# The kernels are built as interpreted functions when TRITON_INTERPRET=1 at their import; the variable is
-# then removed again so that backend="auto" in the rest of the suite keeps choosing the CPU paths, and it
-# is set only while these tests run (see _interpreter).
-_saved = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
+with triton_interpreted():
     triton = pytest.importorskip(
         "triton", reason="triton is not installed; the Triton kernels cannot be tested"
     )
     from gatelab.ops.gated_softmax.triton import gated_softmax_triton
-finally:
-    if INTERPRET and _saved is None:
-        del os.environ["TRITON_INTERPRET"]
 
-pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_interpreter")]
 
 
 # (B, T, S, H, Hkv, D, V, gate width, gate_fn, causal): awkward lengths, D=60 (masked to 64), GQA,

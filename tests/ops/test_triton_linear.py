@@ -2,11 +2,10 @@
 state and every gradient (q, k, v, gates, beta, initial state), fp32 and bf16, awkward shapes, packed
 sequences, strong decay. On a GPU when there is one, else under the Triton interpreter at tiny shapes."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, triton_interpreted
 
 from gatelab import ops
 from gatelab.ops.gated_deltanet.reference import gated_deltanet_reference
@@ -14,31 +13,15 @@ from gatelab.ops.gla.reference import gla_reference
 from gatelab.ops.lightning.reference import lightning_reference
 from gatelab.testing import compare_grads, nan_poison
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = DEVICE == "cpu"
-# Kernels are built as interpreted functions when TRITON_INTERPRET=1 at their import; the variable is then
-# removed so that backend="auto" elsewhere in the suite keeps the CPU paths, and set only while these run.
-_saved = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
+with triton_interpreted():
     triton = pytest.importorskip(
         "triton", reason="triton is not installed; the Triton kernels cannot be tested"
     )
     from gatelab.ops.gated_deltanet.triton import gated_deltanet_triton
     from gatelab.ops.gla.triton import gla_triton
     from gatelab.ops.lightning.triton import lightning_triton
-finally:
-    if INTERPRET and _saved is None:
-        del os.environ["TRITON_INTERPRET"]
 
-pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_interpreter")]
 
 
 def _leaf(*shape, fn=None):
