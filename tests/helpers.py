@@ -1,6 +1,6 @@
 """Helpers several test files share; tests/ is on sys.path because it holds the root conftest.py.
 
-Sparse softmax attention (hip, psa): inputs, shapes and the checks against dense attention and against
+Linear attention: ``detached`` inputs. Sparse softmax attention (hip, psa): inputs, shapes and the checks against dense attention and against
 the reference backend. Triton: the device, and importing kernels under the interpreter on CPU.
 """
 
@@ -13,6 +13,12 @@ import torch
 
 from gatelab.ops.softmax import softmax
 from gatelab.testing import TOLERANCE, assert_close, compare_grads
+
+
+def detached(tensors: dict) -> dict:
+    """The same named tensors without autograd history (None stays None)."""
+    return {name: (None if t is None else t.detach()) for name, t in tensors.items()}
+
 
 # Sparse attention ------------------------------------------------------------------------------------
 

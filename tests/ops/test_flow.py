@@ -3,6 +3,7 @@ official equations, packed sequences, carried state, causality, the bidirectiona
 
 import pytest
 import torch
+from helpers import detached
 
 import gatelab
 from gatelab.ops import flow
@@ -103,14 +104,14 @@ def official(q, k, v, causal, eps=1e-6):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("backend", ["reference", "chunk"])
 def test_matches_official_equations(backend, causal):
-    t = {k: v.detach() for k, v in make_inputs(2, 40, 3, 16, state=False).items()}
+    t = detached(make_inputs(2, 40, 3, 16, state=False))
     o, _ = flow(t["q"], t["k"], t["v"], causal=causal, backend=backend, chunk_size=16)
     assert_close("o", o.double(), official(t["q"], t["k"], t["v"], causal), torch.float32)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_packed_equals_separate(causal):
-    t = {k: v.detach() for k, v in make_inputs(1, 40, 2, 8, state=False).items()}
+    t = detached(make_inputs(1, 40, 2, 8, state=False))
     cu = torch.tensor([0, 5, 6, 40], dtype=torch.int32)
     h0 = None
     if causal:  # one state per sequence
@@ -133,7 +134,7 @@ def test_packed_equals_separate(causal):
 
 
 def test_state_carried_over_two_calls():
-    t = {k: v.detach() for k, v in make_inputs(2, 50, 2, 8).items()}
+    t = detached(make_inputs(2, 50, 2, 8))
     h0 = state_of(t)
     o, s = flow(t["q"], t["k"], t["v"], initial_state=h0, output_final_state=True)
     o1, s1 = flow(t["q"][:, :21], t["k"][:, :21], t["v"][:, :21], initial_state=h0, output_final_state=True)
@@ -146,7 +147,7 @@ def test_state_carried_over_two_calls():
 
 @pytest.mark.parametrize("backend", ["reference", "chunk", "recurrent"])
 def test_causal_does_not_look_ahead(backend):
-    t = {k: v.detach() for k, v in make_inputs(1, 30, 2, 8, state=False).items()}
+    t = detached(make_inputs(1, 30, 2, 8, state=False))
     o1, _ = flow(t["q"], t["k"], t["v"], backend=backend)
     q2, k2, v2 = t["q"].clone(), t["k"].clone(), t["v"].clone()
     for x in (q2, k2, v2):
@@ -158,7 +159,7 @@ def test_causal_does_not_look_ahead(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "chunk"])
 def test_bidirectional_sees_everything(backend):
-    t = {k: v.detach() for k, v in make_inputs(1, 30, 2, 8, state=False).items()}
+    t = detached(make_inputs(1, 30, 2, 8, state=False))
     o1, _ = flow(t["q"], t["k"], t["v"], causal=False, backend=backend)
     q2 = t["q"].clone()
     q2[:, -1] += 1.0  # a sink far away changes every source's conserved flow, hence every output
@@ -168,7 +169,7 @@ def test_bidirectional_sees_everything(backend):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_attention_matrix_reproduces_output(causal):
-    t = {k: v.detach() for k, v in make_inputs(2, 20, 3, 8, state=False).items()}
+    t = detached(make_inputs(2, 20, 3, 8, state=False))
     P, allocation, competition = flow_attention_matrix(t["q"], t["k"], causal=causal)
     o = torch.einsum("bhts,bshv->bthv", P, t["v"])
     expected, _ = flow(t["q"], t["k"], t["v"], causal=causal)

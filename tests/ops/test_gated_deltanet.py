@@ -4,6 +4,7 @@ strong decay, bad inputs; the short causal convolution; the mixer's gates and in
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import detached
 
 import gatelab
 from gatelab.ops import gated_deltanet
@@ -28,10 +29,6 @@ def make_inputs(B, T, H, K, V, *, decay=1.0, seed=0, initial_state=True):
         "beta": torch.sigmoid(rand(B, T, H)).requires_grad_(),
         "h0": rand(B, H, K, V).requires_grad_() if initial_state else None,
     }
-
-
-def detached(inputs):
-    return {n: (None if t is None else t.detach()) for n, t in inputs.items()}
 
 
 def run(backend, **options):

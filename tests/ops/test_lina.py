@@ -3,6 +3,7 @@ sequences, carried state, causality, the bidirectional form, LINA's published fo
 
 import pytest
 import torch
+from helpers import detached
 
 import gatelab
 from gatelab.ops import lina
@@ -113,7 +114,7 @@ def test_state_carried_over_two_calls():
 
 @pytest.mark.parametrize("backend", ["reference", "chunk", "recurrent"])
 def test_causal_does_not_look_ahead(backend):
-    t = {k: v.detach() for k, v in make_inputs(1, 30, 2, 8, state=False).items()}
+    t = detached(make_inputs(1, 30, 2, 8, state=False))
     o1, _ = lina(t["q"], t["k"], t["v"], key_gate=t["key_gate"], value_gate=t["value_gate"], backend=backend)
     k2, v2 = t["k"].clone(), t["v"].clone()
     k2[:, 17:] += torch.randn_like(k2[:, 17:])
@@ -125,7 +126,7 @@ def test_causal_does_not_look_ahead(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "chunk"])
 def test_bidirectional_sees_everything(backend):
-    t = {k: v.detach() for k, v in make_inputs(1, 30, 2, 8, state=False).items()}
+    t = detached(make_inputs(1, 30, 2, 8, state=False))
     o1, _ = lina(t["q"], t["k"], t["v"], causal=False, backend=backend)
     v2 = t["v"].clone()
     v2[:, -1] += 1.0
@@ -135,7 +136,7 @@ def test_bidirectional_sees_everything(backend):
 
 def test_matches_lina_published_form():
     """LINA's code: o = phi(q) (phi(K)^T V / N) / (phi(q) mean(phi(K)) + 1e-6) = ours with eps = N * 1e-6."""
-    t = {k: v.detach() for k, v in make_inputs(2, 20, 3, 8, state=False).items()}
+    t = detached(make_inputs(2, 20, 3, 8, state=False))
     fq, fk = phi(t["q"], "relu"), phi(t["k"], "relu") * t["key_gate"][..., None]
     fv = t["v"] * t["value_gate"][..., None]
     N = 20
@@ -150,7 +151,7 @@ def test_matches_lina_published_form():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matrix_reproduces_output(causal):
-    t = {k: v.detach() for k, v in make_inputs(2, 20, 3, 8, state=False).items()}
+    t = detached(make_inputs(2, 20, 3, 8, state=False))
     P = lina_attention_matrix(t["q"], t["k"], t["key_gate"], causal=causal)  # (B, H, T, T)
     o = torch.einsum("bhts,bshv->bthv", P, t["v"] * t["value_gate"][..., None])
     expected, _ = lina(
@@ -172,7 +173,7 @@ def test_long_sequence_is_finite():
 
 def test_ones_column_layout():
     """The state's last column is z = sum g phi(k): o divides the first V columns by q . z."""
-    t = {k: v.detach() for k, v in make_inputs(1, 9, 1, 4, state=False).items()}
+    t = detached(make_inputs(1, 9, 1, 4, state=False))
     _, state = lina(t["q"], t["k"], t["v"], key_gate=t["key_gate"], output_final_state=True)
     fq, fk, _ = lina_features(t["q"], t["k"], t["v"], t["key_gate"], t["value_gate"], "relu")
     assert_close("z", state[..., -1], fk.sum(1))
