@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gatelab.ops.common.triton_utils import dot_f32, dot_precision
+from gatelab.ops.common.triton_utils import dot_f32, dot_precision, run_chunked
 
 
 @triton.jit
@@ -189,23 +189,13 @@ def gated_deltanet_triton(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated DeltaNet, chunked, with autograd; arguments and shapes as :func:`gatelab.ops.gated_deltanet`
     (``chunk_size`` is rounded up to a power of two in [16, 64], a speed option only)."""
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if k.shape[-1] > 256:
         raise ValueError(f"the triton backend supports key dims up to 256, got K={k.shape[-1]}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    options = dict(scale=scale, chunk_size=min(64, max(16, triton.next_power_of_2(chunk_size))))
-    if cu_seqlens is not None:
-        from gatelab.ops.common.checks import check_cu_seqlens
-        from gatelab.ops.common.varlen import run_packed
-
-        check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
-        return run_packed(
-            _gated_deltanet_one, cu_seqlens, (q, k, v, g, beta), initial_state, output_final_state, **options
-        )
-    return _gated_deltanet_one(
-        q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state, **options
-    )
+    return run_chunked(
+        _gated_deltanet_one, (q, k, v, g, beta), scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        chunk_range=(16, 64),
+    )  # fmt: skip
 
 
 __all__ = ["gated_deltanet_triton"]
