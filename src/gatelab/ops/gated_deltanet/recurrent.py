@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from gatelab.ops.common.recurrent import initial_or_zeros
+
 
 def gated_deltanet_step(
     q: torch.Tensor,
@@ -40,10 +42,9 @@ def gated_deltanet_recurrent(
     """Token loop over :func:`gated_deltanet_step` in fp32; arguments and shapes as
     :func:`gatelab.ops.gated_deltanet`."""
     B, T, H, K = q.shape
-    V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     qf, kf, vf, gf, bf = q.float() * scale, k.float(), v.float(), g.float(), beta.float()
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    S = initial_or_zeros(initial_state, q, v)  # (B, H, K, V) fp32
     outputs = []
     for t in range(T):
         o_t, S = gated_deltanet_step(qf[:, t], kf[:, t], vf[:, t], gf[:, t], bf[:, t], S)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from gatelab.ops.common.recurrent import initial_or_zeros
+
 
 def gated_deltanet_reference(
     q: torch.Tensor,
@@ -20,11 +22,10 @@ def gated_deltanet_reference(
     """S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = q_t S_t (q a row), alpha_t =
     exp(g_t); arguments and shapes as :func:`gatelab.ops.gated_deltanet`."""
     B, T, H, K = q.shape
-    V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     qf, kf, vf = q.float() * scale, k.float(), v.float()
     alpha, bf = g.float().exp(), beta.float()
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    S = initial_or_zeros(initial_state, q, v)  # (B, H, K, V) fp32
     eye = torch.eye(K, dtype=torch.float32, device=q.device)
     outputs = []
     for t in range(T):
