@@ -1,7 +1,8 @@
 """Helpers several test files share; tests/ is on sys.path because it holds the root conftest.py.
 
-Linear attention: ``detached`` inputs. Sparse softmax attention (hip, psa): inputs, shapes and the checks against dense attention and against
-the reference backend. Triton: the device, and importing kernels under the interpreter on CPU.
+Linear attention: ``detached`` inputs. Sparse softmax attention (hip, psa): inputs, shapes and the
+checks against dense attention and against the reference backend. Triton: the device, and importing
+kernels under the interpreter on CPU.
 """
 
 from __future__ import annotations
