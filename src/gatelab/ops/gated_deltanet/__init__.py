@@ -3,12 +3,11 @@ Delta Rule, Yang et al., 2024). S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + b
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from gatelab.ops.common.backend import resolve_backend, triton_available
+from gatelab.ops.common.backend import resolve_backend
 from gatelab.ops.common.checks import check_cu_seqlens, check_log_gate, check_same, check_tensor
+from gatelab.ops.common.linear import triton_ready
 from gatelab.ops.common.varlen import run_packed
 
 from .chunk import gated_deltanet_chunk
@@ -17,10 +16,6 @@ from .reference import gated_deltanet_attention_matrix, gated_deltanet_reference
 
 BACKENDS = ("reference", "chunk", "recurrent", "triton")
 GATE_DTYPES = (torch.float32,)  # gates may stay fp32 when q/k/v are half precision
-
-
-def _has_triton_module() -> bool:
-    return importlib.util.find_spec(__name__ + ".triton") is not None
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -119,7 +114,7 @@ def gated_deltanet(
         "reference": True,
         "chunk": True,
         "recurrent": True,
-        "triton": lambda: triton_available(q) and _has_triton_module(),
+        "triton": lambda: triton_ready(__name__, q),
     }
     name = resolve_backend("gated_deltanet", backend, available, ("triton", "chunk"))
     if use_qk_l2norm:
