@@ -37,6 +37,11 @@ def _gla_inputs(B, T, H, K, V, with_state=True):
     return x
 
 
+def case_id(case) -> str:
+    """(B, T, H, K, V, chunk, dtype) -> "B1T65H1K60V16c32-float32"."""
+    return "B{}T{}H{}K{}V{}c{}-{}".format(*case[:6], str(case[6])[6:])
+
+
 def _compare(inputs, fast, reference, dtype, **options):
     packed = {"cu_seqlens": options["cu_seqlens"]} if "cu_seqlens" in options else {}
     with nan_poison():
@@ -59,9 +64,7 @@ GLA_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case", GLA_CASES, ids=lambda c: "B{}T{}H{}K{}V{}c{}-{}".format(*c[:6], str(c[6])[6:])
-)
+@pytest.mark.parametrize("case", GLA_CASES, ids=case_id)
 def test_gla_matches_reference(case):
     B, T, H, K, V, chunk, dtype = case
     _compare(_gla_inputs(B, T, H, K, V), gla_triton, gla_reference, dtype, chunk_size=chunk)
@@ -134,9 +137,7 @@ GDN_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case", GDN_CASES, ids=lambda c: "B{}T{}H{}K{}V{}c{}-{}".format(*c[:6], str(c[6])[6:])
-)
+@pytest.mark.parametrize("case", GDN_CASES, ids=case_id)
 def test_gated_deltanet_matches_reference(case):
     B, T, H, K, V, chunk, dtype = case
     _compare(
