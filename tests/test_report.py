@@ -127,3 +127,24 @@ def test_no_mqar_no_mqar_plot(results, tmp_path):
 
 def test_to_json_safe():
     assert to_json_safe({"a": (1.0, float("inf")), 2: [float("nan")]}) == {"a": [1.0, None], "2": [None]}
+
+
+def test_merge_results_of_per_seed_processes_equals_one_report(results, tmp_path):
+    from gatelab.report import merge_results
+
+    by_seed = {}
+    for seed in (0, 1):
+        part = dict(results, runs=[r for r in results["runs"] if r["seed"] == seed], wall_s=1.0 + seed)
+        part["config"] = dict(results["config"], seeds=[seed])
+        by_seed[seed] = tmp_path / f"s{seed}"
+        write_report(by_seed[seed], part)
+    merged = merge_results([by_seed[0], by_seed[1]], tmp_path / "merged")
+    assert merged["config"]["seeds"] == [0, 1] and merged["wall_s"] == 2.0
+    assert merged["aggregate"] == aggregate(results["runs"])
+    assert "softmax" in (tmp_path / "merged" / "report.md").read_text()
+    other = dict(results, config=dict(results["config"], preset="other"))
+    write_report(tmp_path / "other", other)
+    with pytest.raises(ValueError, match="one preset"):
+        merge_results([by_seed[0], tmp_path / "other"], tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        merge_results([tmp_path / "missing"], tmp_path / "bad")

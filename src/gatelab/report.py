@@ -236,3 +236,41 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
     for name, path in plots.items():
         lines += [f"## {titles.get(name, name)}", "", f"![{name}]({Path(path).name})", ""]
     return "\n".join(lines)
+
+
+def merge_results(run_dirs: Sequence[str | Path], out_dir: str | Path, name: str | None = None) -> dict:
+    """Merge the results.json of comparisons run as separate processes (e.g. one per task or per seed, in
+    parallel) into one report in ``out_dir``. The runs must share a preset; their runs are concatenated,
+    tasks and seeds united, and the report says which commands made it. Returns the merged results."""
+    loaded = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no results.json in {run_dir}")
+        loaded.append(json.loads(path.read_text()))
+    if not loaded:
+        raise ValueError("give at least one run folder to merge")
+    presets = {r["config"]["preset"] for r in loaded}
+    if len(presets) != 1:
+        raise ValueError(f"can only merge runs of one preset, got {sorted(presets)}")
+    first = loaded[0]
+    config = dict(first["config"])
+    config["tasks"] = list(dict.fromkeys(t for r in loaded for t in r["config"]["tasks"]))
+    config["seeds"] = sorted({s for r in loaded for s in r["config"]["seeds"]})
+    for key in ("task_config", "task_mixers"):
+        config[key] = {k: v for r in loaded for k, v in (r["config"].get(key) or {}).items()}
+    merged = {
+        "name": name or Path(out_dir).name,
+        "created": first.get("created"),
+        "command": " ; ".join(r.get("command", "") for r in loaded) + " (run in parallel, merged)",
+        "config": config,
+        "environment": first["environment"],
+        "tasks": {k: v for r in loaded for k, v in (r.get("tasks") or {}).items()},
+        "skipped_mixers": {k: v for r in loaded for k, v in (r.get("skipped_mixers") or {}).items()},
+        "runs": [run for r in loaded for run in r["runs"]],
+        "wall_s": max(r.get("wall_s", 0) for r in loaded),
+        "merged_from": [{"dir": str(d), "wall_s": r.get("wall_s")} for d, r in zip(run_dirs, loaded)],
+    }
+    write_report(out_dir, merged)
+    merged["aggregate"] = aggregate(merged["runs"])
+    return merged
