@@ -1,5 +1,6 @@
 """Chunk utilities for chunkwise-parallel linear attention: cut (B, T, H, D) into chunks, stable decay
-products inside a chunk, the sequential scan of chunk states, and decay-free causal linear attention.
+products inside a chunk, the sequential scan of chunk states and what it carries across chunks, and
+decay-free causal linear attention.
 
 Numerical rule: decays live in log space and every factor we exponentiate is a difference b_i - b_j with
 i at or after j, so it is <= 0 and exp() never overflows. Cumulative log decays are always taken *within*
@@ -97,6 +98,27 @@ def scan_states(
     return torch.stack(before, dim=2), state
 
 
+def carry_across_chunks(
+    qc: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inter-chunk part of a chunked linear attention with decay: what each chunk adds to the state
+    (decayed to the chunk's end), the scan of chunk states, and what the earlier chunks give each query.
+
+    qc (already scaled), kc: (B, H, N, C, K); vc: (B, H, N, C, V); b: within-chunk cumulative log decay,
+    (B, H, N, C, K) key-wise or (B, H, N, C, 1) one per head and token; initial_state: (B, H, K, V) or None.
+    Returns o (B, H, N, C, V), the output from the states entering each chunk, and the final state
+    (B, H, K, V), fp32.
+    """
+    b_last = b[..., -1:, :]  # (B, H, N, 1, K|1)
+    increments = (kc * torch.exp(b_last - b)).transpose(-1, -2) @ vc  # (B, H, N, K, V)
+    states, final = scan_states(increments, torch.exp(b_last).transpose(-1, -2), initial_state)
+    return (qc * torch.exp(b)) @ states, final  # (B, H, N, C, V)
+
+
 def causal_linear_attention_chunk(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +166,7 @@ __all__ = [
     "causal_decay_matrix",
     "pairwise_decay",
     "scan_states",
+    "carry_across_chunks",
     "causal_linear_attention_chunk",
     "global_linear_attention",
 ]

@@ -15,7 +15,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gatelab.ops.common.chunk import chunk_cumsum, from_chunks, pairwise_decay, scan_states, to_chunks
+from gatelab.ops.common.chunk import (
+    carry_across_chunks,
+    chunk_cumsum,
+    from_chunks,
+    pairwise_decay,
+    to_chunks,
+)
 from gatelab.ops.common.varlen import run_packed
 
 GROUP_ELEMENTS = 2**21  # ~8 MB of fp32 per intra-chunk temporary
@@ -62,12 +68,8 @@ def gla_chunk(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked gated linear attention; same function as :func:`gla_reference`, computed in fp32.
-
-    q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H, K) log decay (<= 0); initial_state (B, H, K, V)
-    (or (N, H, K, V) with cu_seqlens (N+1,)). Returns o (B, T, H, V) in q's dtype and the final state
-    (B, H, K, V) fp32 (or None).
-    """
+    """Chunked gated linear attention; same function as :func:`gla_reference`, computed in fp32;
+    arguments and shapes as :func:`gatelab.ops.gla`."""
     if cu_seqlens is not None:
         return run_packed(
             gla_chunk,
@@ -85,11 +87,8 @@ def gla_chunk(
     # contiguous chunks: CPU matmuls on the strided (B, T, H, D) layout are several times slower
     kc, vc = to_chunks(k, C).contiguous(), to_chunks(v, C).contiguous()  # (B, H, N, C, K), (B, H, N, C, V)
     b = chunk_cumsum(to_chunks(g, C))  # (B, H, N, C, K), <= 0, non-increasing in C
-    b_last = b[..., -1:, :]  # (B, H, N, 1, K)
     # Inter-chunk: what each chunk adds to the state, decayed to the chunk's end; then the sequential scan.
-    increments = (kc * torch.exp(b_last - b)).transpose(-1, -2) @ vc  # (B, H, N, K, V)
-    states, final = scan_states(increments, torch.exp(b_last).transpose(-1, -2), initial_state)
-    o = (qc * torch.exp(b)) @ states  # (B, H, N, C, V)
+    o, final = carry_across_chunks(qc, kc, vc, b, initial_state)  # (B, H, N, C, V)
     # Intra-chunk: causal gated scores times values, a group of chunks at a time so that the largest
     # temporary stays near GROUP_ELEMENTS floats: past the allocator's mmap threshold every temporary
     # would be fresh pages from the OS, and time grew ~9x from T=2048 to 8192 instead of ~4x.

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.chunk import causal_decay_matrix, chunk_cumsum, from_chunks, scan_states, to_chunks
+from gatelab.ops.common.chunk import (
+    carry_across_chunks,
+    causal_decay_matrix,
+    chunk_cumsum,
+    from_chunks,
+    to_chunks,
+)
 from gatelab.ops.common.varlen import run_packed
 from gatelab.ops.gla.chunk import GROUP_ELEMENTS
 
@@ -29,12 +35,8 @@ def lightning_chunk(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked form of :func:`lightning_reference`, computed in fp32.
-
-    q, k: (B, T, H, K); v: (B, T, H, V); decay: log decay (<= 0) (H,) or (B, T, H); initial_state
-    (B, H, K, V) (or (N, H, K, V) with cu_seqlens (N+1,)). Returns o (B, T, H, V) in q's dtype and the
-    final state (B, H, K, V) fp32 (or None).
-    """
+    """Chunked form of :func:`lightning_reference`, computed in fp32; arguments and shapes as
+    :func:`gatelab.ops.lightning`."""
     decay = expand_decay(decay, q)  # (B, T, H)
     if cu_seqlens is not None:
         return run_packed(
@@ -53,11 +55,8 @@ def lightning_chunk(
     # contiguous chunks: CPU matmuls on the strided (B, T, H, D) layout are several times slower
     kc, vc = to_chunks(k, C).contiguous(), to_chunks(v, C).contiguous()  # (B, H, N, C, K), (B, H, N, C, V)
     b = chunk_cumsum(to_chunks(decay, C))  # (B, H, N, C), <= 0, non-increasing
-    b_last = b[..., -1:]  # (B, H, N, 1)
     # Inter-block: each block's contribution decayed to its end, then the sequential scan of states.
-    increments = (kc * torch.exp(b_last - b)[..., None]).transpose(-1, -2) @ vc  # (B, H, N, K, V)
-    states, final = scan_states(increments, torch.exp(b_last)[..., None], initial_state)
-    o = (qc * torch.exp(b)[..., None]) @ states  # (B, H, N, C, V)
+    o, final = carry_across_chunks(qc, kc, vc, b[..., None], initial_state)  # (B, H, N, C, V)
     # Intra-block: (q k^T) * causal decay matrix, times values; a group of blocks at a time so that the
     # temporaries stay small (large ones come as fresh pages from the OS on every call, see gla's chunk).
     B, H, N = qc.shape[:3]
