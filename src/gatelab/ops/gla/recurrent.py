@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from gatelab.ops.common.recurrent import run_steps
 from gatelab.ops.common.varlen import run_packed
 
 
@@ -30,22 +31,12 @@ def gla_recurrent(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,  # unused: same signature as every backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run :func:`gla_step` over T. q, k, g (B, T, H, K); v (B, T, H, V); initial_state (B, H, K, V).
-    Returns o (B, T, H, V) in q's dtype and the final state (B, H, K, V) fp32 (or None)."""
+    """Run :func:`gla_step` over T; arguments and shapes as :func:`gatelab.ops.gla`."""
     if cu_seqlens is not None:
         return run_packed(
             gla_recurrent, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale
         )
-    B, T, H, K = q.shape
-    scale = K**-0.5 if scale is None else scale
-    state = (
-        q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
-        if initial_state is None
-        else initial_state.float()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return run_steps(
+        gla_step, q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
     )
-    outputs = []
-    for t in range(T):
-        o, state = gla_step(state, q[:, t], k[:, t], v[:, t], g[:, t], scale)
-        outputs.append(o)
-    o = torch.stack(outputs, dim=1).to(q.dtype)  # (B, T, H, V)
-    return o, (state if output_final_state else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from gatelab.ops.common.recurrent import initial_or_zeros
 from gatelab.ops.common.varlen import run_packed
 
 
@@ -20,11 +21,8 @@ def gla_reference(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,  # unused: same signature as every backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t.
-
-    q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H, K) log decay (<= 0); initial_state (B, H, K, V).
-    Returns o (B, T, H, V) in q's dtype and the final state (B, H, K, V) fp32 (or None).
-    """
+    """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t; arguments and shapes as
+    :func:`gatelab.ops.gla`."""
     if cu_seqlens is not None:
         return run_packed(
             gla_reference, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale
@@ -32,11 +30,7 @@ def gla_reference(
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
     qf, kf, vf, gf = q.float() * scale, k.float(), v.float(), g.float()
-    S = (
-        q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
-        if initial_state is None
-        else initial_state.float()
-    )
+    S = initial_or_zeros(initial_state, q, v)  # (B, H, K, V) fp32
     outputs = []
     for t in range(T):
         S = gf[:, t, :, :, None].exp() * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # (B, H, K, V)

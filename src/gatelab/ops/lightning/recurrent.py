@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from gatelab.ops.common.recurrent import run_steps
 from gatelab.ops.common.varlen import run_packed
 
 from .reference import expand_decay
@@ -32,23 +33,14 @@ def lightning_recurrent(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,  # unused: same signature as every backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run :func:`lightning_step` over T. q, k (B, T, H, K); v (B, T, H, V); decay (H,) or (B, T, H);
-    initial_state (B, H, K, V). Returns o (B, T, H, V) in q's dtype and the final state (or None)."""
+    """Run :func:`lightning_step` over T; arguments and shapes as :func:`gatelab.ops.lightning`."""
     decay = expand_decay(decay, q)  # (B, T, H)
     if cu_seqlens is not None:
         return run_packed(
             lightning_recurrent, cu_seqlens, (q, k, v, decay), initial_state, output_final_state, scale=scale
         )
-    B, T, H, K = q.shape
-    scale = K**-0.5 if scale is None else scale
-    state = (
-        q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
-        if initial_state is None
-        else initial_state.float()
-    )
-    outputs = []
-    for t in range(T):
-        o, state = lightning_step(state, q[:, t], k[:, t], v[:, t], decay[:, t], scale)
-        outputs.append(o)
-    o = torch.stack(outputs, dim=1).to(q.dtype)  # (B, T, H, V)
-    return o, (state if output_final_state else None)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return run_steps(
+        lightning_step, q, k, v, decay, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state,
+    )  # fmt: skip

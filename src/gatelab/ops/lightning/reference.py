@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from gatelab.ops.common.recurrent import initial_or_zeros
 from gatelab.ops.common.varlen import run_packed
 
 
@@ -46,11 +47,8 @@ def lightning_reference(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,  # unused: same signature as every backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S_t = exp(decay_t) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t, one scalar decay per head.
-
-    q, k: (B, T, H, K); v: (B, T, H, V); decay: log decay (<= 0) per head (H,) or per token (B, T, H);
-    initial_state (B, H, K, V). Returns o (B, T, H, V) in q's dtype and the final state (B, H, K, V) fp32.
-    """
+    """S_t = exp(decay_t) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t, one scalar decay per head;
+    arguments and shapes as :func:`gatelab.ops.lightning`."""
     decay = expand_decay(decay, q)  # (B, T, H)
     if cu_seqlens is not None:
         return run_packed(
@@ -59,11 +57,7 @@ def lightning_reference(
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
     qf, kf, vf = q.float() * scale, k.float(), v.float()
-    S = (
-        q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
-        if initial_state is None
-        else initial_state.float()
-    )
+    S = initial_or_zeros(initial_state, q, v)  # (B, H, K, V) fp32
     outputs = []
     for t in range(T):
         S = decay[:, t, :, None, None].exp() * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # (B, H, K, V)
