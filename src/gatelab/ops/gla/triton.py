@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gatelab.ops.common.triton_utils import dot_f32, dot_precision
+from gatelab.ops.common.triton_utils import dot_f32, dot_precision, run_chunked
 
 SUB = 16  # rows per sub-chunk: the smallest tl.dot
 
@@ -355,34 +355,18 @@ def gla_triton(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated linear attention, chunked Triton kernels with autograd.
-
-    Args:
-        q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H, K) log decay (<= 0).
-        scale: output scale, default K ** -0.5.
-        initial_state: (B, H, K, V) (or (N, H, K, V) with cu_seqlens), any float dtype; used in fp32.
-        output_final_state: also return the state after the last step.
-        cu_seqlens: (N+1,) offsets of N packed sequences (B must be 1); each runs from its own state.
-        chunk_size: tokens per chunk; rounded up to a power of two in [16, 128] (a speed option only).
-    Returns:
-        o: (B, T, H, V) in q's dtype; final_state: (B, H, K, V) fp32 or None.
-    """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    """Gated linear attention, chunked Triton kernels with autograd; arguments and shapes as
+    :func:`gatelab.ops.gla` (``chunk_size`` is rounded up to a power of two in [16, 128], a speed option
+    only; ``initial_state`` may have any float dtype and is used in fp32)."""
     if max(q.shape[-1], v.shape[-1]) > 256:
         raise ValueError(
             f"the triton backend supports head dims up to 256, got K={q.shape[-1]}, V={v.shape[-1]}"
         )
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # the chunk size changes only speed, never the function: the kernels need a power of two in [16, 128]
-    options = dict(scale=scale, chunk_size=min(128, max(SUB, triton.next_power_of_2(chunk_size))))
-    if cu_seqlens is not None:
-        from gatelab.ops.common.checks import check_cu_seqlens
-        from gatelab.ops.common.varlen import run_packed
-
-        check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
-        return run_packed(_gla_one, cu_seqlens, (q, k, v, g), initial_state, output_final_state, **options)
-    return _gla_one(q, k, v, g, initial_state=initial_state, output_final_state=output_final_state, **options)
+    return run_chunked(
+        _gla_one, (q, k, v, g), scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        chunk_range=(SUB, 128),
+    )  # fmt: skip
 
 
 __all__ = ["gla_triton"]

@@ -24,15 +24,8 @@ def lightning_triton(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S_t = exp(decay) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t.
-
-    Args:
-        q, k: (B, T, H, K); v: (B, T, H, V).
-        decay: log decay (<= 0), per head (H,) or per token and head (B, T, H).
-        scale, initial_state (B, H, K, V), output_final_state, cu_seqlens (N+1,), chunk_size: as gla_triton.
-    Returns:
-        o: (B, T, H, V) in q's dtype; final_state: (B, H, K, V) fp32 or None.
-    """
+    """S_t = exp(decay) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t on the GLA kernels; arguments and
+    shapes as :func:`gatelab.ops.lightning`."""
     B, T, H, K = q.shape
     if decay.shape == (H,):
         g = decay.view(1, 1, H, 1).expand(B, T, H, K)  # (B, T, H, K)
