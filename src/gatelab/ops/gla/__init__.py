@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from gatelab.ops.common.backend import resolve_backend, triton_available
-from gatelab.ops.common.checks import check_cu_seqlens, check_log_gate, check_qkv, check_tensor
+from gatelab.ops.common.backend import resolve_backend
+from gatelab.ops.common.checks import check_log_gate, check_qkv, check_tensor
+from gatelab.ops.common.linear import check_linear_options, triton_ready
 
 from .chunk import gla_chunk
 from .recurrent import gla_recurrent, gla_step
@@ -16,37 +15,6 @@ from .reference import gla_attention_matrix, gla_reference
 
 BACKENDS = ("reference", "chunk", "recurrent", "triton")
 AUTO_ORDER = ("triton", "chunk")  # "auto" takes the Triton kernels on CUDA, the chunked form elsewhere
-
-
-def check_linear_options(
-    op: str,
-    q: torch.Tensor,
-    v: torch.Tensor,
-    initial_state: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    chunk_size: int,
-) -> None:
-    """Checks every linear-attention op shares: cu_seqlens, initial_state (B or N, H, K, V), chunk_size."""
-    B, T, H, K = q.shape
-    check_cu_seqlens(cu_seqlens, B, T)
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, 4, "(B, H, K, V)")
-        if initial_state.device != q.device:
-            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
-        n = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        expected = (n, H, K, v.shape[-1])
-        if tuple(initial_state.shape) != expected:
-            who = "N sequences" if cu_seqlens is not None else "B"
-            raise ValueError(
-                f"{op}: initial_state must have shape (B or N, H, K, V) = {expected} ({who}), "
-                f"got {tuple(initial_state.shape)}"
-            )
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
-
-
-def _triton_ready(q: torch.Tensor) -> bool:
-    return triton_available(q) and importlib.util.find_spec(__name__ + ".triton") is not None
 
 
 def gla(
@@ -87,7 +55,12 @@ def gla(
         raise ValueError(f"g is on {g.device} but q is on {q.device}; move them to one device")
     check_log_gate("g", g.detach())
     check_linear_options("gla", q, v, initial_state, cu_seqlens, chunk_size)
-    available = {"reference": True, "chunk": True, "recurrent": True, "triton": lambda: _triton_ready(q)}
+    available = {
+        "reference": True,
+        "chunk": True,
+        "recurrent": True,
+        "triton": lambda: triton_ready(__name__, q),
+    }
     name = resolve_backend("gla", backend, available, AUTO_ORDER)
     if name == "triton":
         from .triton import gla_triton as fn

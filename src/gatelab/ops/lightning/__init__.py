@@ -4,13 +4,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from gatelab.ops.common.backend import resolve_backend, triton_available
+from gatelab.ops.common.backend import resolve_backend
 from gatelab.ops.common.checks import check_log_gate, check_qkv, check_tensor
-from gatelab.ops.gla import check_linear_options
+from gatelab.ops.common.linear import check_linear_options, triton_ready
 
 from .chunk import lightning_chunk
 from .recurrent import lightning_recurrent, lightning_step
@@ -18,10 +16,6 @@ from .reference import alibi_slopes, expand_decay, lightning_attention_matrix, l
 
 BACKENDS = ("reference", "chunk", "recurrent", "triton")
 AUTO_ORDER = ("triton", "chunk")  # "auto" takes the Triton kernels on CUDA, the chunked form elsewhere
-
-
-def _triton_ready(q: torch.Tensor) -> bool:
-    return triton_available(q) and importlib.util.find_spec(__name__ + ".triton") is not None
 
 
 def lightning(
@@ -65,7 +59,12 @@ def lightning(
         raise ValueError(f"decay is on {decay.device} but q is on {q.device}; move them to one device")
     check_log_gate("decay", decay.detach())
     check_linear_options("lightning", q, v, initial_state, cu_seqlens, chunk_size)
-    available = {"reference": True, "chunk": True, "recurrent": True, "triton": lambda: _triton_ready(q)}
+    available = {
+        "reference": True,
+        "chunk": True,
+        "recurrent": True,
+        "triton": lambda: triton_ready(__name__, q),
+    }
     name = resolve_backend("lightning", backend, available, AUTO_ORDER)
     if name == "triton":
         from .triton import lightning_triton as fn
