@@ -78,6 +78,12 @@ class LinearMixer(Mixer):
             )
         return state.state, state.length
 
+    def step_backend(self, x: torch.Tensor) -> str:
+        """The configured backend, or "recurrent" for one token at a time (decoding) on CPU with "auto": the
+        step form computes the same function without padding a whole chunk."""
+        backend = self.config.backend
+        return "recurrent" if backend == "auto" and x.shape[1] == 1 and not x.is_cuda else backend
+
 
 class QKVLinearMixer(LinearMixer):
     """A LinearMixer with q, k, v projections d_model -> H * D and an output projection back, from a

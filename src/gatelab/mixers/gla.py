@@ -8,7 +8,6 @@ log alpha_t = logsigmoid(x W1 W2 + b) / 16; the output is per-head RMSNorm(o) * 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,8 @@ import torch.nn.functional as F
 from gatelab.ops.gla import BACKENDS, gla, gla_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
-from ._base import Mixer, MixerConfig, check_choice, check_positive
-from ._linear import RecurrentState
+from ._base import MixerConfig, check_choice, check_positive
+from ._linear import LinearMixer, RecurrentState, gpt2_init
 
 
 @dataclass
@@ -58,7 +57,7 @@ class GlaConfig(MixerConfig):
         return int(self.expand_v * self.d_model)
 
 
-class GatedLinearAttention(Mixer):
+class GatedLinearAttention(LinearMixer):
     """Projections, the low-rank forget gate, ``ops.gla``, per-head RMSNorm and swish output gate; the
     decoding state is a RecurrentState holding the (B, H, K, V) fp32 memory."""
 
@@ -86,25 +85,20 @@ class GatedLinearAttention(Mixer):
         c = self.config
         B, T, _ = x.shape
         H = c.n_heads
-        if state is not None and not isinstance(state, RecurrentState):
-            raise TypeError(
-                f"state must be the RecurrentState this mixer returned, got {type(state).__name__}"
-            )
+        initial_state, start = self.carried(state)
         q = self.q_proj(x).view(B, T, H, -1)  # (B, T, H, K)
         k = self.k_proj(x).view(B, T, H, -1)
         v = self.v_proj(x).view(B, T, H, -1)  # (B, T, H, V)
         g = self.log_forget_gate(x)  # (B, T, H, K) fp32
-        # one token at a time (decoding): the step form computes the same function without chunk padding
-        backend = "recurrent" if c.backend == "auto" and T == 1 and not x.is_cuda else c.backend
         o, final = gla(
             q,
             k,
             v,
             g,
-            initial_state=None if state is None else state.state,
+            initial_state=initial_state,
             output_final_state=True,
             chunk_size=c.chunk_size,
-            backend=backend,
+            backend=self.step_backend(x),
         )  # (B, T, H, V)
         o = self.norm(o) * F.silu(self.r_proj(x).view(B, T, H, -1))
         y = self.o_proj(o.reshape(B, T, -1))
@@ -113,13 +107,11 @@ class GatedLinearAttention(Mixer):
             internals["gate"] = g.detach().exp()  # alpha (B, T, H, K)
             if state is None:  # the T x T operator of this call; with a carried state the past is not in it
                 internals["attn"] = gla_attention_matrix(q.detach(), k.detach(), g.detach())  # (B, H, T, T)
-        return y, RecurrentState(final, (0 if state is None else state.length) + T), internals
+        return y, RecurrentState(final, start + T), internals
 
     def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
         """GPT-2 style init for the projections; the forget gate keeps PyTorch's default init."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.r_proj):
-            nn.init.normal_(lin.weight, std=std)
-        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * n_layers))
+        gpt2_init((self.q_proj, self.k_proj, self.v_proj, self.r_proj), self.o_proj, std, n_layers)
 
 
 register(

@@ -11,7 +11,6 @@ lightning layers), then W_o. The relative position encoding (LRPE) of TransNorme
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,15 +20,14 @@ import torch.nn.functional as F
 from gatelab.ops.lightning import BACKENDS, alibi_slopes, lightning, lightning_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
-from ._base import Mixer, MixerConfig, check_choice, check_positive
-from ._linear import RecurrentState
+from ._base import check_choice, check_positive
+from ._linear import HeadDimConfig, LinearMixer, RecurrentState, gpt2_init
 
 OUTPUT_GATES = ("linear", "sigmoid")
 
 
 @dataclass
-class LightningConfig(MixerConfig):
-    head_dim: int | None = None  # None: d_model // n_heads
+class LightningConfig(HeadDimConfig):
     layer_idx: int = 0  # this layer's index l and the model's depth L set the decay scale
     n_layers: int = 1
     output_gate: str = "linear"  # "linear" (TransNormerLLM) or "sigmoid" (MiniMax-01)
@@ -41,7 +39,6 @@ class LightningConfig(MixerConfig):
         super().__post_init__()
         if not self.causal:
             raise ValueError("lightning is a causal (decoder) mixer; causal=False is not supported")
-        check_positive("head_dim", self.head_dim, allow_none=True)
         check_positive("n_layers", self.n_layers)
         check_positive("chunk_size", self.chunk_size)
         check_choice("output_gate", self.output_gate, OUTPUT_GATES)
@@ -50,14 +47,6 @@ class LightningConfig(MixerConfig):
             raise ValueError(
                 f"layer_idx must be an int in [0, n_layers={self.n_layers}), got {self.layer_idx!r}"
             )
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim"
-            )
-
-    @property
-    def dim(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
 
 
 def lightning_log_decay(n_heads: int, layer_idx: int = 0, n_layers: int = 1) -> torch.Tensor:
@@ -66,7 +55,7 @@ def lightning_log_decay(n_heads: int, layer_idx: int = 0, n_layers: int = 1) -> 
     return -alibi_slopes(n_heads) * (depth + 1e-5)
 
 
-class LightningAttention(Mixer):
+class LightningAttention(LinearMixer):
     """q/k/v/u projections, ``ops.lightning`` with the fixed decays, norm, output gate, W_o; the decoding
     state is a RecurrentState holding the (B, H, D, D) fp32 memory."""
 
@@ -87,25 +76,20 @@ class LightningAttention(Mixer):
         c = self.config
         B, T, _ = x.shape
         H, D = c.n_heads, c.dim
-        if state is not None and not isinstance(state, RecurrentState):
-            raise TypeError(
-                f"state must be the RecurrentState this mixer returned, got {type(state).__name__}"
-            )
+        initial_state, start = self.carried(state)
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # (B, T, H*D) each
         q, k = F.silu(q).view(B, T, H, D), F.silu(k).view(B, T, H, D)
         v = v.view(B, T, H, D)
-        # one token at a time (decoding): the step form computes the same function without chunk padding
-        backend = "recurrent" if c.backend == "auto" and T == 1 and not x.is_cuda else c.backend
         o, final = lightning(
             q,
             k,
             v,
             self.log_decay,
             scale=1.0,  # TransNormerLLM does not scale q k^T
-            initial_state=None if state is None else state.state,
+            initial_state=initial_state,
             output_final_state=True,
             chunk_size=c.chunk_size,
-            backend=backend,
+            backend=self.step_backend(x),
         )  # (B, T, H, D)
         gate = torch.sigmoid(u) if c.output_gate == "sigmoid" else u  # (B, T, H*D)
         y = self.o_proj(self.norm(o.reshape(B, T, H * D)) * gate)
@@ -117,15 +101,11 @@ class LightningAttention(Mixer):
                 internals["attn"] = lightning_attention_matrix(
                     q.detach(), k.detach(), self.log_decay, scale=1.0
                 )
-        return y, RecurrentState(final, (0 if state is None else state.length) + T), internals
+        return y, RecurrentState(final, start + T), internals
 
     def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
         """GPT-2 style init: N(0, std), the output projection scaled by 1/sqrt(2 * n_layers)."""
-        nn.init.normal_(self.qkvu_proj.weight, std=std)
-        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * n_layers))
-        for lin in (self.qkvu_proj, self.o_proj):
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        gpt2_init((self.qkvu_proj,), self.o_proj, std, n_layers)
 
 
 register(
