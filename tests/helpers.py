@@ -1,7 +1,8 @@
 """Helpers several test files share; tests/ is on sys.path because it holds the root conftest.py.
 
-Linear attention: ``detached`` inputs. Sparse softmax attention (hip, psa): inputs, shapes and the
-checks against dense attention and against the reference backend. Triton: the device, and importing
+Linear attention: ``detached`` inputs, the chunk-against-reference check of gla and lightning. Sparse
+softmax attention (hip, psa): inputs, shapes and the checks against dense attention and against the
+reference backend. Triton: the device, and importing
 kernels under the interpreter on CPU.
 """
 
@@ -13,12 +14,39 @@ import os
 import torch
 
 from gatelab.ops.softmax import softmax
-from gatelab.testing import TOLERANCE, assert_close, compare_grads
+from gatelab.testing import TOLERANCE, assert_close, compare_grads, nan_poison
 
 
 def detached(tensors: dict) -> dict:
     """The same named tensors without autograd history (None stays None)."""
     return {name: (None if t is None else t.detach()) for name, t in tensors.items()}
+
+
+def check_chunk_matches_reference(op, inputs: dict, chunk_size: int, dtype: torch.dtype) -> None:
+    """op(q, k, v, gate, initial_state=h0, ...) with backend "chunk" against "reference": output, final
+    state and every gradient, fresh allocations NaN-poisoned. ``inputs`` holds q, k, v, the gate and h0 in
+    that order; they are rounded to ``dtype`` and given to both sides in fp32, so the error measured is
+    the implementation's, not the rounding of the inputs."""
+    tensors = {name: t.to(dtype).float().requires_grad_() for name, t in inputs.items()}
+
+    def run(backend):
+        def fn(x):
+            q, k, v, gate, h0 = x.values()
+            return op(
+                q,
+                k,
+                v,
+                gate,
+                initial_state=h0,
+                output_final_state=True,
+                chunk_size=chunk_size,
+                backend=backend,
+            )
+
+        return fn
+
+    with nan_poison():
+        compare_grads(tensors, run("chunk"), run("reference"), dtype)
 
 
 # Sparse attention ------------------------------------------------------------------------------------

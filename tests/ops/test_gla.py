@@ -4,10 +4,11 @@ gradient), packing, carried state, causality, strong decay at long T, and input 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import check_chunk_matches_reference
 
 from gatelab.ops import gla
 from gatelab.ops.gla import gla_attention_matrix, gla_chunk, gla_reference
-from gatelab.testing import assert_close, compare_grads, nan_poison
+from gatelab.testing import assert_close
 
 # (B, T, H, K, V, chunk_size): T=1, T just under/over a chunk, D=60, B=3, a chunk that is no power of two
 SHAPES = [(2, 1, 2, 16, 16, 64), (1, 63, 2, 32, 32, 64), (3, 65, 2, 60, 40, 64), (2, 50, 1, 16, 24, 12)]
@@ -27,27 +28,7 @@ def make_inputs(B, T, H, K, V, strength=16.0, state=True, seed=0):
 def test_chunk_matches_reference(shape, dtype):
     *dims, C = shape
     q, k, v, g, h0 = make_inputs(*dims, strength=4.0)
-    # Inputs exactly representable in the tested dtype: both sides see the same numbers, so the error
-    # measured is the implementation's, not the rounding of the inputs.
-    tensors = {n: t.to(dtype).float().requires_grad_() for n, t in dict(q=q, k=k, v=v, g=g, h0=h0).items()}
-
-    def run(backend):
-        def fn(x):
-            return gla(
-                x["q"],
-                x["k"],
-                x["v"],
-                x["g"],
-                initial_state=x["h0"],
-                output_final_state=True,
-                chunk_size=C,
-                backend=backend,
-            )
-
-        return fn
-
-    with nan_poison():
-        compare_grads(tensors, run("chunk"), run("reference"), dtype)
+    check_chunk_matches_reference(gla, dict(q=q, k=k, v=v, g=g, h0=h0), C, dtype)
 
 
 def test_chunk_matches_recurrent_and_auto():

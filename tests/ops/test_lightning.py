@@ -4,6 +4,7 @@ decay at long T, and input errors."""
 
 import pytest
 import torch
+from helpers import check_chunk_matches_reference
 
 from gatelab.ops import lightning
 from gatelab.ops.lightning import (
@@ -12,7 +13,7 @@ from gatelab.ops.lightning import (
     lightning_chunk,
     lightning_reference,
 )
-from gatelab.testing import assert_close, compare_grads, nan_poison
+from gatelab.testing import assert_close
 
 # (B, T, H, K, V, chunk_size): T=1, T just under/over a chunk, D=60, B=3, a chunk that is no power of two
 SHAPES = [(2, 1, 2, 16, 16, 64), (1, 63, 4, 32, 32, 64), (3, 65, 2, 60, 40, 64), (2, 50, 3, 16, 24, 12)]
@@ -42,29 +43,7 @@ def test_alibi_slopes():
 def test_chunk_matches_reference(shape, dtype, per_token):
     *dims, C = shape
     q, k, v, decay, h0 = make_inputs(*dims, per_token=per_token)
-    # Inputs exactly representable in the tested dtype: both sides see the same numbers, so the error
-    # measured is the implementation's, not the rounding of the inputs.
-    tensors = {
-        n: t.to(dtype).float().requires_grad_() for n, t in dict(q=q, k=k, v=v, decay=decay, h0=h0).items()
-    }
-
-    def run(backend):
-        def fn(x):
-            return lightning(
-                x["q"],
-                x["k"],
-                x["v"],
-                x["decay"],
-                initial_state=x["h0"],
-                output_final_state=True,
-                chunk_size=C,
-                backend=backend,
-            )
-
-        return fn
-
-    with nan_poison():
-        compare_grads(tensors, run("chunk"), run("reference"), dtype)
+    check_chunk_matches_reference(lightning, dict(q=q, k=k, v=v, decay=decay, h0=h0), C, dtype)
 
 
 def test_chunk_matches_recurrent_and_auto():
