@@ -3,7 +3,6 @@ output projection. Mechanisms subclass :class:`AttentionMixer` and override ``pr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn as nn
 from gatelab.ops.common.rope import apply_rope, rope_frequencies
 from gatelab.ops.softmax import attention_probs
 
-from ._base import Mixer, MixerConfig, check_positive
+from ._base import Mixer, MixerConfig, check_positive, gpt2_init
 
 
 @dataclass
@@ -134,10 +133,4 @@ class AttentionMixer(Mixer):
         return y, cache, internals
 
     def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
-        """GPT-2 style init: N(0, std), output projection scaled by 1/sqrt(2 * n_layers)."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(lin.weight, std=std)
-        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * n_layers))
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        gpt2_init((self.q_proj, self.k_proj, self.v_proj), self.o_proj, std, n_layers)

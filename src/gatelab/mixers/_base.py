@@ -11,6 +11,8 @@ it is only computed when asked for, so the normal path pays nothing.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import torch
@@ -53,6 +55,18 @@ def check_probability(name: str, value: float, low_open: bool = True, high_open:
         )
 
 
+def gpt2_init(inputs: Iterable[nn.Linear], output: nn.Linear, std: float, n_layers: int) -> None:
+    """GPT-2 style init: weights N(0, std), the output projection's scaled by 1/sqrt(2 * n_layers); zero
+    biases."""
+    inputs = tuple(inputs)
+    for lin in inputs:
+        nn.init.normal_(lin.weight, std=std)
+    nn.init.normal_(output.weight, std=std / math.sqrt(2 * n_layers))
+    for lin in (*inputs, output):
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+
+
 class Mixer(nn.Module):
     """Base class: validates the input and the state, then calls ``_forward``."""
 
@@ -86,4 +100,4 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
 
-__all__ = ["MixerConfig", "Mixer", "check_positive", "check_probability", "check_choice"]
+__all__ = ["MixerConfig", "Mixer", "gpt2_init", "check_positive", "check_probability", "check_choice"]

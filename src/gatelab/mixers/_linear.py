@@ -3,14 +3,12 @@ the head-dim config and the q/k/v/o projections with their GPT-2 style init."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ._base import Mixer, MixerConfig, check_positive
+from ._base import Mixer, MixerConfig, check_positive, gpt2_init
 
 
 @dataclass
@@ -50,18 +48,6 @@ class HeadDimConfig(MixerConfig):
     @property
     def dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
-
-
-def gpt2_init(inputs: Iterable[nn.Linear], output: nn.Linear, std: float, n_layers: int) -> None:
-    """GPT-2 style init: weights N(0, std), the output projection's scaled by 1/sqrt(2 * n_layers); zero
-    biases."""
-    inputs = tuple(inputs)
-    for lin in inputs:
-        nn.init.normal_(lin.weight, std=std)
-    nn.init.normal_(output.weight, std=std / math.sqrt(2 * n_layers))
-    for lin in (*inputs, output):
-        if lin.bias is not None:
-            nn.init.zeros_(lin.bias)
 
 
 class LinearMixer(Mixer):

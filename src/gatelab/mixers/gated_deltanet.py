@@ -14,8 +14,8 @@ from gatelab.ops.common.short_conv import short_conv
 from gatelab.ops.gated_deltanet import BACKENDS, gated_deltanet, gated_deltanet_attention_matrix, l2_normalize
 from gatelab.registry import MechanismSpec, register
 
-from ._base import MixerConfig, check_positive
-from ._linear import LinearMixer, RecurrentState, gpt2_init
+from ._base import MixerConfig, check_positive, gpt2_init
+from ._linear import LinearMixer, RecurrentState
 
 
 @dataclass

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from gatelab.ops.gla import BACKENDS, gla, gla_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
-from ._base import MixerConfig, check_choice, check_positive
-from ._linear import LinearMixer, RecurrentState, gpt2_init
+from ._base import MixerConfig, check_choice, check_positive, gpt2_init
+from ._linear import LinearMixer, RecurrentState
 
 
 @dataclass
