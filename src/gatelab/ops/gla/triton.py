@@ -296,7 +296,24 @@ class _GLAFunction(torch.autograd.Function):
         )  # fmt: skip
         o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
         _fwd_o_kernel[(triton.cdiv(V, BVs), NT * (BT // BC), B * H)](
-            q, k, v, gc, h, o, scale, T, H, K, V, NT, BT=BT, BC=BC, BK=BK, BV=BVs, PRECISION=precision, **_launch(q)
+            q,
+            k,
+            v,
+            gc,
+            h,
+            o,
+            scale,
+            T,
+            H,
+            K,
+            V,
+            NT,
+            BT=BT,
+            BC=BC,
+            BK=BK,
+            BV=BVs,
+            PRECISION=precision,
+            **_launch(q),
         )
         ctx.save_for_backward(q, k, v, gc, h, ht)
         ctx.options = (scale, BT, h0 is not None, g.dtype)
