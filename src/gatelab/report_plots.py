@@ -46,9 +46,19 @@ def _grid(n: int, width: float = 5.0, height: float = 3.6):
     return fig, axes[0]
 
 
-def _legend(ax) -> None:
-    """Legend outside the plot, right of the axes: with a dozen mixers it would hide the curves."""
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+def _legend(axes) -> None:
+    """One legend for every mixer drawn on any of ``axes`` (an Axes or a sequence), outside the last one:
+    with a dozen mixers it would hide the curves, and a task may not show every mixer."""
+    axes = list(axes) if isinstance(axes, list | tuple) or hasattr(axes, "__array__") else [axes]
+    labels: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    if labels:
+        axes[-1].legend(
+            list(labels.values()), list(labels), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+            borderaxespad=0.0,
+        )  # fmt: skip
 
 
 def _save(fig, path: Path) -> Path:
@@ -72,7 +82,7 @@ def plot_loss_curves(results: dict, path: Path) -> Path:
                 )
         ax.set(title=f"{task}: training loss", xlabel="step", ylabel="loss (smoothed)")
         ax.grid(alpha=0.3)
-    _legend(axes[-1])
+    _legend(axes)
     return _save(fig, path)
 
 
@@ -120,7 +130,7 @@ def _plot_per_layer(
         else:
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    _legend(axes[-1])
+    _legend(axes)
     return _save(fig, path)
 
 
