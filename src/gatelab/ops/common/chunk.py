@@ -46,6 +46,14 @@ def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
     return x[:, :T]
 
 
+def chunk_qkv(q, k, v, chunk_size: int, scale: float | None):
+    """q (scaled, default K ** -0.5), k, v (B, T, H, *) -> chunks (B, H, N, C, *) in fp32. k and v are made
+    contiguous: CPU matmuls on the strided (B, T, H, D) layout are several times slower."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qc = to_chunks(q, chunk_size) * scale
+    return qc, to_chunks(k, chunk_size).contiguous(), to_chunks(v, chunk_size).contiguous()
+
+
 def chunk_cumsum(g: torch.Tensor, dim: int = 3) -> torch.Tensor:
     """Inclusive cumulative sum of log decays within each chunk (along the C dim, ``dim`` of
     (B, H, N, C[, K])), in fp32: b_t = g_1 + ... + g_t of that chunk, so b is non-increasing and <= 0."""

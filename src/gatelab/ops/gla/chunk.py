@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gatelab.ops.common.chunk import (
     carry_across_chunks,
     chunk_cumsum,
+    chunk_qkv,
     from_chunks,
     pairwise_decay,
     to_chunks,
@@ -80,12 +81,8 @@ def gla_chunk(
             scale=scale,
             chunk_size=chunk_size,
         )
-    T, K = q.shape[1], q.shape[-1]
-    scale = K**-0.5 if scale is None else scale
-    C = chunk_size
-    qc = to_chunks(q, C) * scale  # (B, H, N, C, K) fp32
-    # contiguous chunks: CPU matmuls on the strided (B, T, H, D) layout are several times slower
-    kc, vc = to_chunks(k, C).contiguous(), to_chunks(v, C).contiguous()  # (B, H, N, C, K), (B, H, N, C, V)
+    T, K, C = q.shape[1], q.shape[-1], chunk_size
+    qc, kc, vc = chunk_qkv(q, k, v, C, scale)  # (B, H, N, C, K), (B, H, N, C, K), (B, H, N, C, V) fp32
     b = chunk_cumsum(to_chunks(g, C))  # (B, H, N, C, K), <= 0, non-increasing in C
     # Inter-chunk: what each chunk adds to the state, decayed to the chunk's end; then the sequential scan.
     o, final = carry_across_chunks(qc, kc, vc, b, initial_state)  # (B, H, N, C, V)

@@ -14,6 +14,7 @@ from gatelab.ops.common.chunk import (
     carry_across_chunks,
     causal_decay_matrix,
     chunk_cumsum,
+    chunk_qkv,
     from_chunks,
     to_chunks,
 )
@@ -48,12 +49,8 @@ def lightning_chunk(
             scale=scale,
             chunk_size=chunk_size,
         )
-    T, K = q.shape[1], q.shape[-1]
-    scale = K**-0.5 if scale is None else scale
-    C = chunk_size
-    qc = to_chunks(q, C) * scale  # (B, H, N, C, K) fp32
-    # contiguous chunks: CPU matmuls on the strided (B, T, H, D) layout are several times slower
-    kc, vc = to_chunks(k, C).contiguous(), to_chunks(v, C).contiguous()  # (B, H, N, C, K), (B, H, N, C, V)
+    T, K, C = q.shape[1], q.shape[-1], chunk_size
+    qc, kc, vc = chunk_qkv(q, k, v, C, scale)  # (B, H, N, C, K), (B, H, N, C, K), (B, H, N, C, V) fp32
     b = chunk_cumsum(to_chunks(decay, C))  # (B, H, N, C), <= 0, non-increasing
     # Inter-block: each block's contribution decayed to its end, then the sequential scan of states.
     o, final = carry_across_chunks(qc, kc, vc, b[..., None], initial_state)  # (B, H, N, C, V)
