@@ -11,13 +11,11 @@ import torch.nn as nn
 from gatelab.ops.common.rope import apply_rope, rope_frequencies
 from gatelab.ops.softmax import attention_probs
 
-from ._base import Mixer, MixerConfig, check_positive, gpt2_init
+from ._base import HeadsConfig, Mixer, gpt2_init
 
 
 @dataclass
-class AttentionConfig(MixerConfig):
-    n_kv_heads: int | None = None  # None: as many as n_heads; fewer gives grouped-query attention
-    head_dim: int | None = None  # None: d_model // n_heads
+class AttentionConfig(HeadsConfig):
     qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3, OLMo2)
     rope: bool = True
     rope_base: float = 10000.0
@@ -25,24 +23,8 @@ class AttentionConfig(MixerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive("n_kv_heads", self.n_kv_heads, allow_none=True)
-        check_positive("head_dim", self.head_dim, allow_none=True)
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim"
-            )
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
         if self.rope_base <= 0:
             raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def dim(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass

@@ -55,6 +55,42 @@ def check_probability(name: str, value: float, low_open: bool = True, high_open:
         )
 
 
+@dataclass
+class HeadDimConfig(MixerConfig):
+    """A config with one head dim for q, k and v: ``head_dim`` or, when None, d_model // n_heads."""
+
+    head_dim: int | None = None  # None: d_model // n_heads
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("head_dim", self.head_dim, allow_none=True)
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim"
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclass
+class HeadsConfig(HeadDimConfig):
+    """Adds grouped-query heads: ``n_kv_heads`` key/value heads (None: as many as n_heads)."""
+
+    n_kv_heads: int | None = None  # None: as many as n_heads; fewer gives grouped-query attention
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("n_kv_heads", self.n_kv_heads, allow_none=True)
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
 def gpt2_init(inputs: Iterable[nn.Linear], output: nn.Linear, std: float, n_layers: int) -> None:
     """GPT-2 style init: weights N(0, std), the output projection's scaled by 1/sqrt(2 * n_layers); zero
     biases."""
@@ -100,4 +136,13 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
 
-__all__ = ["MixerConfig", "Mixer", "gpt2_init", "check_positive", "check_probability", "check_choice"]
+__all__ = [
+    "MixerConfig",
+    "HeadDimConfig",
+    "HeadsConfig",
+    "Mixer",
+    "gpt2_init",
+    "check_positive",
+    "check_probability",
+    "check_choice",
+]

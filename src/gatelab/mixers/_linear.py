@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ._base import Mixer, MixerConfig, check_positive, gpt2_init
+from ._base import HeadDimConfig, Mixer, gpt2_init
 
 
 @dataclass
@@ -29,25 +29,6 @@ class RecurrentState:
         tensors = self.state if isinstance(self.state, tuple) else (self.state,)
         tensors = tensors + tuple(self.conv.values())
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclass
-class HeadDimConfig(MixerConfig):
-    """A config with one head dim for q, k and v: ``head_dim`` or, when None, d_model // n_heads."""
-
-    head_dim: int | None = None  # None: d_model // n_heads
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_positive("head_dim", self.head_dim, allow_none=True)
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim"
-            )
-
-    @property
-    def dim(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
 
 
 class LinearMixer(Mixer):

@@ -9,8 +9,8 @@ from gatelab.ops.common.checks import check_choice
 from gatelab.ops.flow import BACKENDS, flow, flow_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
-from ._base import check_positive
-from ._linear import HeadDimConfig, QKVLinearMixer, RecurrentState
+from ._base import HeadDimConfig, check_positive
+from ._linear import QKVLinearMixer, RecurrentState
 
 
 @dataclass

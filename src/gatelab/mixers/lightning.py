@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from gatelab.ops.lightning import BACKENDS, alibi_slopes, lightning, lightning_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
-from ._base import check_choice, check_positive, gpt2_init
-from ._linear import HeadDimConfig, LinearMixer, RecurrentState
+from ._base import HeadDimConfig, check_choice, check_positive, gpt2_init
+from ._linear import LinearMixer, RecurrentState
 
 OUTPUT_GATES = ("linear", "sigmoid")
 

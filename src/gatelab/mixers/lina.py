@@ -19,8 +19,8 @@ from gatelab.ops.common.checks import check_choice
 from gatelab.ops.lina import BACKENDS, FEATURE_MAPS, lina, lina_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
-from ._base import check_positive
-from ._linear import HeadDimConfig, QKVLinearMixer, RecurrentState
+from ._base import HeadDimConfig, check_positive
+from ._linear import QKVLinearMixer, RecurrentState
 
 GATES = ("kv", "input", "none")
 

@@ -16,19 +16,17 @@ from gatelab.ops.neighborhood.reference import neighborhood_reference, neighborh
 from gatelab.registry import MechanismSpec, register
 
 from ._attention import KVCache
-from ._base import Mixer, MixerConfig, check_positive
+from ._base import HeadsConfig, Mixer
 
 
 @dataclass
-class NeighborhoodConfig(MixerConfig):
+class NeighborhoodConfig(HeadsConfig):
     causal: bool = False  # vision default; per-dim causal is available through the op
     spatial_dims: int = 2  # 1 (sequence), 2 (image, (B, H, W, C)), 3 (video, (B, T, H, W, C))
     kernel_size: int | tuple[int, ...] = 7
     stride: int | tuple[int, ...] = 1
     dilation: int | tuple[int, ...] = 1
     n_global: int = 0  # learned global tokens every query also attends to (NATTEN's additional keys)
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
     qk_norm: bool = False
     rope: bool = False  # rotary positions, for spatial_dims=1 only
     rope_base: float = 10000.0
@@ -54,14 +52,6 @@ class NeighborhoodConfig(MixerConfig):
             )
         if not isinstance(self.n_global, int) or self.n_global < 0:
             raise ValueError(f"n_global must be an int >= 0, got {self.n_global!r}")
-        check_positive("n_kv_heads", self.n_kv_heads, allow_none=True)
-        check_positive("head_dim", self.head_dim, allow_none=True)
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim"
-            )
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
         if self.rope and self.spatial_dims != 1:
             raise ValueError(
                 "rope is for spatial_dims=1; 2D/3D maps take their positions from the neighbourhood"
@@ -73,14 +63,6 @@ class NeighborhoodConfig(MixerConfig):
             raise ValueError(
                 f"a causal 1D neighborhood mixer runs on 'reference' or 'sdpa', got {self.backend!r}"
             )
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def dim(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def sequence(self) -> bool:
