@@ -36,14 +36,21 @@ def run_decode(mixer, x, prefix):
 
 
 @pytest.mark.parametrize(
-    "key, relaxation",
-    [("softmax", "soft"), ("gated_softmax", "soft"), ("clipped_softmax", "straight_through")],
+    "key, relaxation, compact",
+    [
+        ("softmax", "soft", False),
+        ("gated_softmax", "soft", False),
+        ("clipped_softmax", "straight_through", False),
+        ("softmax", "straight_through", True),
+        ("gated_softmax", "straight_through", True),
+    ],
 )
-def test_relaxed_training_path_matches_hard_flags_when_saturated(key, relaxation):
+def test_relaxed_training_path_matches_hard_flags_when_saturated(key, relaxation, compact):
     torch.manual_seed(0)
     options = {"n_kv_heads": 2} if key == "softmax" else {}
     mixer = gatelab.make_mixer(key, d_model=64, n_heads=4, **options)
-    mixer.cache_policy = saturated_gate(make_policy("attention_gate", mixer, relaxation=relaxation))
+    policy = make_policy("attention_gate", mixer, relaxation=relaxation, rope_by_cache_position=compact)
+    mixer.cache_policy = saturated_gate(policy)
     x = torch.randn(3, 17, 64)
     with torch.no_grad():
         mixer.train()
@@ -51,8 +58,13 @@ def test_relaxed_training_path_matches_hard_flags_when_saturated(key, relaxation
         mixer.eval()
         hard, hard_state = mixer(x)  # hard flags, evicted tokens dropped after the pass
         decoded, state = run_decode(mixer, x, 4)  # hard flags, evicted tokens never stored
+        one_by_one, _ = run_decode(mixer, x, 1)
+        policy.rope_by_cache_position = not compact
+        other, _ = mixer(x)  # the other RoPE positions give other outputs
     assert_close(f"{key} relaxed vs hard", relaxed, hard, torch.float32)
     assert_close(f"{key} decode vs parallel", decoded, hard, torch.float32)
+    assert_close(f"{key} token by token vs parallel", one_by_one, hard, torch.float32)
+    assert (other - hard).abs().max() > 1e-3
     kept = (x[..., : state.k.shape[2]] + 0.3 > 0).transpose(0, 0)  # (B, T, Hkv) flags
     kept[:, 0] = True  # the first token is always kept
     assert state.kept_tokens == int(kept.sum()) == hard_state.kept_tokens
@@ -140,3 +152,48 @@ def test_bf16_hard_decode_against_fp32():
         decoded, state = run_decode(mixer, x.to(torch.bfloat16), 3)
     assert state.k.shape[1] < 15
     assert_close("bf16 decode with evictions", decoded.float(), expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_gate_reads_the_context_causally_and_decodes_like_parallel(window):
+    from gatelab.cache import AttentionGate
+
+    torch.manual_seed(0)
+    gate = AttentionGate(32, kv_heads=2, heads=2, d_gate=4, window=window)
+    torch.nn.init.normal_(gate.out.weight)  # let the attention path weigh in the logits
+    x = torch.randn(3, 63, 32)
+    with torch.no_grad():
+        logits, state = gate(x, None)
+        moved = x.clone()
+        moved[:, 50] += 1.0
+        changed = (gate(moved, None)[0] - logits).abs().amax(dim=(0, 2))  # (T,)
+        steps, step_state = [], None
+        for t in range(63):
+            out, step_state = gate(x[:, t : t + 1], step_state)
+            steps.append(out)
+    assert (changed[:50] == 0).all() and changed[50] > 0  # causal: no flag depends on a later token
+    seen = changed[51:] > 0  # later flags read token 50 through the gate's attention
+    assert seen.all() if window is None else seen[: window - 1].all() and not seen[window - 1 :].any()
+    assert_close("gate decode vs parallel", torch.cat(steps, dim=1), logits, torch.float32)
+    held = 63 if window is None else window - 1
+    assert state.k.shape == step_state.k.shape == (3, held, 2, 4)
+
+
+def test_gate_state_bytes_are_counted():
+    from gatelab.cache import cache_bytes
+
+    torch.manual_seed(0)
+    mixer = gatelab.make_mixer("softmax", d_model=64, n_heads=4).eval()
+    mixer.cache_policy = make_policy("attention_gate", mixer, heads=2, d_gate=4, window=8)
+    with torch.no_grad():
+        _, state = mixer(torch.randn(2, 20, 64))
+    (layer,) = cache_bytes([state])
+    assert layer["gate"] == 2 * (2 * 7 * 2 * 4) * 4  # k and v, 2 rows, window - 1 tokens, 2 heads x 4, fp32
+    assert layer["held"] == state.nbytes
+
+
+def test_gate_option_errors():
+    mixer = gatelab.make_mixer("softmax", d_model=64, n_heads=4)
+    for bad in ({"heads": 0}, {"d_gate": 2.5}, {"window": 0}, {"window": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            make_policy("attention_gate", mixer, **bad)

@@ -21,7 +21,8 @@ def build(key="softmax", **options):
 def keep_everything(policy):
     """Saturate an attention gate to keep every token (its budget >= the sequence)."""
     torch.nn.init.zeros_(policy.gate.out.weight)
-    torch.nn.init.constant_(policy.gate.out.bias, 30.0)
+    torch.nn.init.zeros_(policy.gate.direct.weight)
+    torch.nn.init.constant_(policy.gate.direct.bias, 30.0)
     return policy
 
 

@@ -22,7 +22,7 @@ POLICIES = ("full", "streaming", "h2o", "attention_gate")
 def make_policy(name: str, mixer: nn.Module, **options) -> CachePolicy:
     """One policy for ``mixer``: "full", "streaming" (budget, sinks, window, seq_len,
     rope_by_cache_position), "h2o" (budget, recent, seq_len) or "attention_gate" (target_keep,
-    eviction_weight, d_gate, kernel, init_keep)."""
+    eviction_weight, heads, d_gate, window, init_keep, relaxation)."""
     check_cacheable(mixer)
     if name == "full":
         if options:
@@ -100,15 +100,17 @@ def _gate(mixer) -> bool:
 
 
 def cache_bytes(states: list) -> list[dict]:
-    """Per layer: bytes allocated for keys and values ("held"), bytes of the kept tokens ("kept") and the
-    number of kept tokens summed over batch rows and KV heads."""
+    """Per layer: bytes allocated for keys and values ("held"), bytes of the kept tokens ("kept"), bytes of
+    an attention gate's own decoding state ("gate", 0 without one) and the number of kept tokens summed
+    over batch rows and KV heads."""
     out = []
     for state in states:
         if isinstance(state, PolicyCache):
-            out.append({"held": state.nbytes, "kept": state.kept_nbytes, "tokens": state.kept_tokens})
+            out.append({"held": state.nbytes, "kept": state.kept_nbytes, "gate": state.gate_nbytes,
+                        "tokens": state.kept_tokens})  # fmt: skip
         elif hasattr(state, "nbytes"):
             tokens = state.k.shape[0] * state.k.shape[1] * state.k.shape[2]
-            out.append({"held": state.nbytes, "kept": state.nbytes, "tokens": tokens})
+            out.append({"held": state.nbytes, "kept": state.nbytes, "gate": 0, "tokens": tokens})
         else:
             raise TypeError(f"cache_bytes needs KV caches, got {type(state).__name__}")
     return out

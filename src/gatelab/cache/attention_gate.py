@@ -13,10 +13,14 @@ everything while another keeps little (the cache is rectangular, padded to its l
 Inference (eval mode): hard flags; an evicted token's key gets a MASKED score (exp underflows to 0,
 so it is hidden even from its own query) and is dropped from the cache after the chunk.
 
-Where this differs from the paper: the gate reads a short causal window of the layer input (a
-depthwise causal convolution, ``kernel`` tokens) instead of an attention over the whole context, so
-its decoding state stays constant-size; the first token is always kept (an attention sink, and every
-query then has at least one visible key, which makes the parallel and the token-by-token forms agree).
+The gate is the paper's reduced attention MHA': ``heads`` causal attention heads of width ``d_gate`` over the
+layer input (no RoPE), whose output, plus a linear read of the token itself, gives one keep logit per KV
+head. It keeps its own small decoding cache of gate keys and values (2 * heads * d_gate numbers per token,
+against 2 * kv_heads * head_dim for the layer's cache), counted in the bytes a layer holds; ``window``
+bounds it to the last ``window`` tokens (None: the whole context, as in the paper). Where this differs
+from the paper: its attention is causal (the paper reads the whole prompt at prefill), so that a flag never
+depends on later tokens and the parallel, chunked and token-by-token forms agree; the first token is always
+kept (an attention sink, and every query then has at least one visible key).
 """
 
 from __future__ import annotations
@@ -27,31 +31,42 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gatelab.mixers._attention import KVCache
+from gatelab.ops import softmax
+
 from .policies import MASKED, CachePolicy, PolicyCache
 
 
 class AttentionGate(nn.Module):
-    """x (B, T, d_model) -> keep logits (B, T, Hkv), from a causal depthwise conv over a small projection."""
+    """MHA': x (B, T, d_model) -> keep logits (B, T, Hkv), from causal attention over the context.
 
-    def __init__(
-        self, d_model: int, kv_heads: int, d_gate: int = 16, kernel: int = 4, init_keep: float = 0.9
-    ):
+    logits = direct(x) + out(attention(q, k, v)), q/k/v = qkv(x) split into ``heads`` heads of ``d_gate``;
+    ``direct``'s bias starts every flag at sigmoid = init_keep, ``out`` starts near 0.
+    """
+
+    def __init__(self, d_model: int, kv_heads: int, heads: int = 1, d_gate: int = 8,
+                 window: int | None = None, init_keep: float = 0.9):  # fmt: skip
         super().__init__()
-        self.kernel = kernel
-        self.proj = nn.Linear(d_model, d_gate)
-        self.conv = nn.Parameter(torch.full((kernel, d_gate), 1.0 / kernel))
-        self.out = nn.Linear(d_gate, kv_heads)
+        self.heads, self.d_gate, self.window = heads, d_gate, window
+        self.qkv = nn.Linear(d_model, 3 * heads * d_gate)
+        self.direct = nn.Linear(d_model, kv_heads)
+        self.out = nn.Linear(heads * d_gate, kv_heads, bias=False)
+        nn.init.normal_(self.direct.weight, std=0.02)
         nn.init.normal_(self.out.weight, std=0.02)
-        nn.init.constant_(self.out.bias, math.log(init_keep / (1 - init_keep)))
+        nn.init.constant_(self.direct.bias, math.log(init_keep / (1 - init_keep)))
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None):
-        """-> logits (B, T, Hkv), state (B, kernel - 1, d_gate): the last projected inputs."""
+    def forward(self, x: torch.Tensor, state: KVCache | None):
+        """-> logits (B, T, Hkv), state: the gate's KVCache (k, v (B, S, heads, d_gate)), trimmed to the
+        last ``window - 1`` tokens when ``window`` is set."""
         B, T, _ = x.shape
-        h = self.proj(x)  # (B, T, G)
-        past = h.new_zeros(B, self.kernel - 1, h.shape[-1]) if state is None else state.to(h.dtype)
-        seq = torch.cat([past, h], dim=1)  # (B, kernel - 1 + T, G)
-        mixed = sum(seq[:, i : i + T] * self.conv[i] for i in range(self.kernel))  # (B, T, G)
-        return self.out(F.silu(mixed)), seq[:, seq.shape[1] - (self.kernel - 1) :]
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.d_gate).unbind(2)  # (B, T, heads, d_gate)
+        cache = KVCache(k, v, T) if state is None else state.append(k, v)
+        o = softmax(q, cache.k, cache.v, causal=True, window=self.window)  # (B, T, heads, d_gate)
+        if self.window is not None and cache.k.shape[1] > self.window - 1:
+            keep = self.window - 1  # all that the next query can see
+            cache = KVCache(cache.k[:, cache.k.shape[1] - keep :], cache.v[:, cache.v.shape[1] - keep :],
+                            cache.length)  # fmt: skip
+        return self.direct(x) + self.out(o.reshape(B, T, -1)), cache
 
 
 class AttentionGatePolicy(CachePolicy):
@@ -60,7 +75,8 @@ class AttentionGatePolicy(CachePolicy):
     name = "attention_gate"
 
     def __init__(self, d_model: int, kv_heads: int, target_keep: float = 0.5, eviction_weight: float = 1.0,
-                 d_gate: int = 16, kernel: int = 4, init_keep: float = 0.9, relaxation: str = "straight_through"):  # fmt: skip
+                 heads: int = 1, d_gate: int = 8, window: int | None = None, init_keep: float = 0.9,
+                 relaxation: str = "straight_through", rope_by_cache_position: bool = False):  # fmt: skip
         super().__init__()
         if (
             isinstance(target_keep, bool)
@@ -68,15 +84,19 @@ class AttentionGatePolicy(CachePolicy):
             or not 0 < target_keep <= 1
         ):
             raise ValueError(f"target_keep must be in (0, 1], got {target_keep!r}")
-        if not isinstance(kernel, int) or kernel < 1:
-            raise ValueError(f"kernel must be a positive int, got {kernel!r}")
+        for name, value in (("heads", heads), ("d_gate", d_gate)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"window must be a positive int (tokens the gate reads) or None, got {window!r}")
         if not 0 < init_keep < 1:
             raise ValueError(f"init_keep must be in (0, 1), got {init_keep!r}")
         if relaxation not in ("soft", "straight_through"):
             raise ValueError(f"relaxation must be 'soft' or 'straight_through', got {relaxation!r}")
         self.target_keep, self.eviction_weight = float(target_keep), float(eviction_weight)
         self.relaxation = relaxation
-        self.gate = AttentionGate(d_model, kv_heads, d_gate, kernel, init_keep)
+        self.rope_by_cache_position = bool(rope_by_cache_position)
+        self.gate = AttentionGate(d_model, kv_heads, heads, d_gate, window, init_keep)
         self.last_keep: torch.Tensor | None = None  # (Hkv,) straight-through kept fractions, last forward
 
     def token_bias(self, mixer, x, state: PolicyCache | None, positions):
@@ -121,4 +141,8 @@ class AttentionGatePolicy(CachePolicy):
         return out
 
     def extra_repr(self) -> str:
-        return f"target_keep={self.target_keep}, eviction_weight={self.eviction_weight}"
+        g = self.gate
+        return (
+            f"target_keep={self.target_keep}, eviction_weight={self.eviction_weight}, heads={g.heads}, "
+            f"d_gate={g.d_gate}, window={g.window}"
+        )

@@ -21,9 +21,10 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
     batches: [(inputs (B, T) long, targets (B, T) long with IGNORE on unlabelled positions)]. Every token
     is fed alone with the layer states, so each prediction sees exactly what the policy kept.
     Returns loss and accuracy over labelled positions, the decode speed (tokens/s), and cache memory:
-    bytes held per layer at the end, peak bytes held (all layers, max over steps), the kept fraction
-    (kept tokens / tokens seen, mean over layers) and the held fraction (bytes allocated / bytes of a
-    full cache; above the kept fraction when heads keep different numbers of tokens) at the end.
+    bytes held per layer at the end (keys and values; an attention gate's own state separately), peak
+    bytes held (all layers, gate states included, max over steps), the kept fraction (kept tokens /
+    tokens seen, mean over layers) and the held fraction (bytes allocated, gate states included / bytes
+    of a full cache; above the kept fraction when heads keep different numbers of tokens) at the end.
     """
     was_training = model.training
     model.eval()
@@ -39,7 +40,7 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
             for t in range(T):
                 out, states = model(inputs[:, t : t + 1], states)
                 logits.append(out[:, -1].float())
-                peak = max(peak, sum(layer["held"] for layer in cache_bytes(states)))
+                peak = max(peak, sum(layer["held"] + layer["gate"] for layer in cache_bytes(states)))
             seconds += time.perf_counter() - start
             tokens += B * T
             logits = torch.stack(logits, dim=1)  # (B, T, vocab)
@@ -54,7 +55,9 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
             kept.append(sum(layer["tokens"] for layer in per_layer) / (full * len(per_layer)))
             k, v = states[0].k, states[0].v
             full_bytes = full * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
-            held.append(sum(layer["held"] for layer in per_layer) / (full_bytes * len(per_layer)))
+            held.append(
+                sum(layer["held"] + layer["gate"] for layer in per_layer) / (full_bytes * len(per_layer))
+            )
     finally:
         if policy != "attention_gate":
             remove_policy(model)
@@ -66,6 +69,7 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
         "held_fraction": sum(held) / len(held),
         "bytes_per_layer": [layer["held"] for layer in per_layer],
         "kept_bytes_per_layer": [layer["kept"] for layer in per_layer],
+        "gate_bytes_per_layer": [layer["gate"] for layer in per_layer],
         "peak_cache_bytes": peak,
         "tokens_per_s": tokens / max(seconds, 1e-9),
     }

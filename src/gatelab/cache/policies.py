@@ -35,7 +35,7 @@ class PolicyCache(KVCache):
     positions: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     scores: torch.Tensor | None = None
-    gate_state: torch.Tensor | None = None
+    gate_state: KVCache | None = None
     rope_applied: bool = True
 
     @property
@@ -50,6 +50,21 @@ class PolicyCache(KVCache):
         """Bytes of the kept keys and values (``nbytes`` counts the allocated slots, padding included)."""
         per_token = self.k.shape[-1] * self.k.element_size() + self.v.shape[-1] * self.v.element_size()
         return self.kept_tokens * per_token
+
+    @property
+    def gate_nbytes(self) -> int:
+        """Bytes of the attention gate's own decoding state (0 without a gate)."""
+        return 0 if self.gate_state is None else self.gate_state.nbytes
+
+    def slots(self) -> torch.Tensor:
+        """The position of each row inside the cache, counting kept rows only: (S,) when every row is kept,
+        else (B, S, Hkv) long, the exclusive running count of kept rows (a masked row gets the slot the next
+        kept row will take). Rotating by these gives the distances of a cache without padding or evicted
+        rows, the same in a parallel pass and token by token."""
+        if self.bias is None:
+            return torch.arange(self.k.shape[1], device=self.k.device)
+        kept = (self.bias > MASKED / 2).long()
+        return kept.cumsum(dim=1) - kept
 
     def gather(self, index: torch.Tensor) -> PolicyCache:
         """Keep the slots ``index`` (B, S', Hkv) long (per batch row and KV head), in that order."""
@@ -154,9 +169,12 @@ class CachePolicy(nn.Module):
             )
         keys = cache.k
         if late_rope:  # StreamingLLM: positions inside the cache, not in the text
-            S = keys.shape[1]
-            slots = torch.arange(S, device=x.device)
-            keys, q = apply_rope(keys, slots, mixer.inv_freq), apply_rope(q, slots[S - T :], mixer.inv_freq)
+            slots = cache.slots()  # (S,) or (B, S, Hkv)
+            if slots.ndim == 1:
+                q_slots = slots[-T:]
+            else:  # per KV head -> per query head (grouped-query heads share a KV head)
+                q_slots = slots[:, -T:].repeat_interleave(c.n_heads // c.kv_heads, dim=2)
+            keys, q = apply_rope(keys, slots, mixer.inv_freq), apply_rope(q, q_slots, mixer.inv_freq)
         if cache.bias is not None and bool((cache.bias != 0).any()):
             q, keys = with_key_bias(q, keys, cache.bias)
         want = return_internals or self.needs_probs

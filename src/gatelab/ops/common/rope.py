@@ -12,12 +12,15 @@ def rope_frequencies(head_dim: int, base: float, device=None) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by positions (T,) or (B, T). Computed in fp32, returned in x's dtype."""
+    """Rotate x (B, T, H, D) by positions (T,), (B, T) or per head (B, T, H). Computed in fp32, returned
+    in x's dtype."""
     half = inv_freq.shape[0]
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (T | B, T | B, T, H, D/2)
     if angles.ndim == 2:
         angles = angles[None]
-    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # (B|1, T, 1, D/2)
+    if angles.ndim == 3:
+        angles = angles[:, :, None, :]  # (B|1, T, 1, D/2): one position for every head
+    cos, sin = angles.cos(), angles.sin()
     xf = x.float()
     x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
