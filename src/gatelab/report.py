@@ -171,6 +171,9 @@ def print_tables(results: dict, console=None) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    from .compare_kv import print_tables as print_kv_tables
+
+    print_kv_tables(results, console)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -226,6 +229,9 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
             ]
         lines += [markdown_table(header, rows), ""]
     lines += ["Columns: " + COLUMN_NOTES, ""]
+    from .compare_kv import markdown_section
+
+    lines += markdown_section(results)  # only when the run was asked for --kv-cache
     titles = {
         "loss_curves": "Training loss",
         "mqar_accuracy": "MQAR accuracy",

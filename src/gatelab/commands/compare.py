@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from gatelab.cli import command
+from gatelab.compare_kv import failures as kv_failures
+from gatelab.compare_kv import parse_options
 from gatelab.presets import PRESETS, Preset, get_preset
 
 PREFERRED = ("softmax", "gated_softmax", "clipped_softmax")  # first in every default comparison
@@ -138,9 +140,12 @@ def environment(device: str) -> dict:
 
 
 def run_one(
-    mixer: str, task, task_name: str, seed: int, preset: Preset, device: str, run_dir: Path, progress: bool
-):
-    """Train, evaluate and diagnose one mixer on one task with one seed; returns the results entry."""
+    mixer: str, task, task_name: str, seed: int, preset: Preset, device: str, run_dir: Path, progress: bool,
+    kv_cache=None,
+):  # fmt: skip
+    """Train, evaluate and diagnose one mixer on one task with one seed; returns the results entry.
+    With ``kv_cache`` (compare_kv.KVCacheOptions) the trained model also decodes under each cache policy
+    (entry["kv_cache"], outside the run's wall_s)."""
     from gatelab.diagnostics import diagnose
     from gatelab.models.lm import LM, LMConfig
     from gatelab.train import TrainConfig, train
@@ -188,6 +193,10 @@ def run_one(
         model_dir=str(model_dir.relative_to(run_dir)),
     )
     entry["wall_s"] = time.perf_counter() - t0
+    if kv_cache is not None:
+        from gatelab.compare_kv import evaluate_run
+
+        entry.update(evaluate_run(model, task, batches, kv_cache, batch_size=preset.batch_size, seed=seed))
     return entry
 
 
@@ -218,10 +227,12 @@ def run_compare(
     skipped: dict | None = None,
     command_line: str = "",
     console=None,
+    kv_cache=None,
 ) -> dict:
     """Run the comparison and write the report; returns the results dict (as in results.json).
 
-    ``preset`` is the budget before per-task overrides; ``mixers`` maps each task to the mixers run on it.
+    ``preset`` is the budget before per-task overrides; ``mixers`` maps each task to the mixers run on it;
+    ``kv_cache`` (compare_kv.KVCacheOptions or None) adds the KV-cache policies' decoding of every run.
     """
     import json
 
@@ -258,6 +269,7 @@ def run_compare(
             "tasks": tasks,
             "seeds": seeds,
             "device": device,
+            "kv_cache": kv_cache.to_dict() if kv_cache is not None else None,
         },
         "environment": environment(device),
         "tasks": {name: task.describe() for name, task in built.items()},
@@ -282,13 +294,14 @@ def run_compare(
                 try:
                     budget = preset.for_task(task_name)
                     entry = run_one(
-                        mixer, built[task_name], task_name, seed, budget, device, run_dir, progress
+                        mixer, built[task_name], task_name, seed, budget, device, run_dir, progress, kv_cache
                     )
                     final = entry["final"]
                     acc = f", accuracy {final['accuracy']:.3f}" if "accuracy" in final else ""
                     console.print(
                         f"[{i}/{total}] {mixer} on {task_name} (seed {seed}): loss {final.get('loss', float('nan')):.3f}"
                         f"{acc}, {entry['tokens_per_s']:,.0f} tokens/s, {entry['wall_s']:.1f} s"
+                        + _kv_summary(entry)
                     )
                 except (KeyboardInterrupt, MemoryError):
                     raise
@@ -309,6 +322,18 @@ def run_compare(
     print_tables(results, console)
     console.print(f"wrote {paths['report']} ({results['wall_s']:.0f} s)")
     return results
+
+
+def _kv_summary(entry: dict) -> str:
+    if entry.get("kv_cache_note"):
+        return "; no KV cache"
+    rows = entry.get("kv_cache")
+    if not rows:
+        return ""
+    failed = sum("error" in row for row in rows)
+    return f"; KV cache: {len(rows)} policy rows in {entry['kv_cache_wall_s']:.1f} s" + (
+        f", [red]{failed} failed[/]" if failed else ""
+    )
 
 
 def apply_overrides(preset: Preset, **values) -> Preset:
@@ -356,6 +381,19 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--kv-cache", default=None,
+        help="also decode each trained softmax-family model under these KV-cache policies: comma-separated "
+        "streaming, h2o, attention_gate ('full' is always the reference row; default: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-budgets", default=None,
+        help="KV-cache budgets as fractions in (0, 1] of the sequence length (default: 0.5,0.25)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-gate-steps", type=int, default=None,
+        help="fine-tuning steps of the attention gates per budget (default: 100)",
+    )  # fmt: skip
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -388,11 +426,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         skipped.update(task_skipped)
         if not mixers[task]:
             raise ValueError(f"no mixer to compare on {task}: none of the requested mechanisms is registered")
+    kv_cache = parse_options(args.kv_cache, args.kv_budgets, args.kv_gate_steps)
     device = resolve_device(args.device)
     run_dir = Path(args.out) / (args.name or preset.name)
     seeds = list(range(args.seed, args.seed + preset.seeds))
     results = run_compare(
         preset, mixers, tasks, seeds, device, run_dir,
-        corpus=args.corpus, skipped=skipped, command_line=_command_line(args),
+        corpus=args.corpus, skipped=skipped, command_line=_command_line(args), kv_cache=kv_cache,
     )  # fmt: skip
-    return 0 if all(r["status"] == "ok" for r in results["runs"]) else 1
+    return 0 if all(r["status"] == "ok" for r in results["runs"]) and not kv_failures(results["runs"]) else 1

@@ -1,0 +1,267 @@
+"""KV-cache policies inside ``gatelab compare --kv-cache``: the options, the token-by-token decoding of each
+trained run under every policy and budget, and the report's tables ("In-context KV-Cache Eviction for LLMs
+via Attention-Gate", Zeng et al., 2024, and its baselines)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gatelab.report import finite, format_cell, markdown_table, mean_std
+
+DEFAULT_BUDGETS = (0.5, 0.25)
+DEFAULT_GATE_STEPS = 100
+# (row key, header, format) of the KV-cache tables; "loss_vs_full" is the paired difference per seed
+KV_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("loss", "loss", ".3f"),
+    ("loss_vs_full", "loss - full", "+.3f"),
+    ("accuracy", "accuracy", ".3f"),
+    ("kept_fraction", "kept", ".3f"),
+    ("held_fraction", "held", ".3f"),
+    ("peak_cache_kib", "peak cache KiB", ".1f"),
+    ("tokens_per_s", "decode tok/s", ".0f"),
+)
+KV_NOTES = (
+    "Each trained model decodes the first diagnostic batch token by token (teacher forcing), so every "
+    "prediction sees only what the policy kept. budget: fraction of the evaluated sequence length "
+    "(streaming and h2o keep at most that many tokens; attention_gate is fine-tuned for the given steps "
+    "towards that keep rate, on a copy of the model whose own weights fine-tune too, and then keeps what "
+    "its gates choose); full: the plain cache, the reference. "
+    "loss - full: paired difference to the full cache of the same run; kept: tokens held / tokens seen at "
+    "the end, mean over layers; held: bytes allocated (an attention gate's own state included) / bytes of "
+    "the full cache; peak cache KiB: most bytes held over all layers at any step. Mixers with a fixed-size "
+    "recurrent state (or their own cache) take no policy: 'no KV cache'."
+)
+
+
+@dataclass(frozen=True)
+class KVCacheOptions:
+    policies: tuple[str, ...]  # "full" first, then the requested policies in the order given
+    budgets: tuple[float, ...]  # fractions in (0, 1] of the evaluated sequence length
+    gate_steps: int  # fine-tuning steps of the attention gates, per budget
+
+    def to_dict(self) -> dict:
+        return {"policies": list(self.policies), "budgets": list(self.budgets), "gate_steps": self.gate_steps}
+
+
+def parse_options(policies: str | None, budgets: str | None, gate_steps: int | None) -> KVCacheOptions | None:
+    """The options of ``--kv-cache``, ``--kv-budgets`` and ``--kv-gate-steps`` (None: not asked for).
+
+    A ValueError names the option for an unknown policy, a budget outside (0, 1], gate steps < 1, or an
+    option that would be ignored (budgets without a policy that takes one, gate steps without
+    attention_gate)."""
+    from gatelab.cache import POLICIES
+
+    if policies is None:
+        for name, value in (("--kv-budgets", budgets), ("--kv-gate-steps", gate_steps)):
+            if value is not None:
+                raise ValueError(f"{name} applies only with --kv-cache; add e.g. --kv-cache streaming,h2o")
+        return None
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names:
+        raise ValueError(f"--kv-cache expects a comma-separated list of policies, got {policies!r}")
+    for name in names:
+        if name not in POLICIES:
+            raise ValueError(f"--kv-cache: unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--kv-cache lists a policy twice: {names}")
+    names = ["full"] + [n for n in names if n != "full"]
+    if budgets is None:
+        fractions = DEFAULT_BUDGETS
+    else:
+        try:
+            fractions = tuple(float(b) for b in budgets.split(",") if b.strip())
+        except ValueError:
+            raise ValueError(
+                f"--kv-budgets expects comma-separated fractions in (0, 1], got {budgets!r}"
+            ) from None
+        bad = [b for b in fractions if not 0 < b <= 1]  # NaN is bad too
+        if not fractions or bad:
+            raise ValueError(f"--kv-budgets must be fractions in (0, 1], got {budgets!r}")
+        if len(set(fractions)) != len(fractions):
+            raise ValueError(f"--kv-budgets lists a budget twice: {budgets!r}")
+        if names == ["full"]:
+            raise ValueError(
+                "--kv-budgets applies to streaming, h2o and attention_gate; --kv-cache lists none"
+            )
+    if gate_steps is not None:
+        if isinstance(gate_steps, bool) or not isinstance(gate_steps, int) or gate_steps < 1:
+            raise ValueError(f"--kv-gate-steps must be a positive int, got {gate_steps!r}")
+        if "attention_gate" not in names:
+            raise ValueError("--kv-gate-steps applies to the attention_gate policy; add it to --kv-cache")
+    return KVCacheOptions(
+        tuple(names), tuple(fractions), DEFAULT_GATE_STEPS if gate_steps is None else gate_steps
+    )
+
+
+class _OnDevice:
+    """A task whose training batches land on ``device`` (the gates fine-tune where the model lives)."""
+
+    def __init__(self, task, device: torch.device):
+        self.task, self.device = task, device
+
+    def get_batch(self, split: str, batch_size: int, generator: torch.Generator):
+        inputs, targets = self.task.get_batch(split, batch_size, generator)
+        return inputs.to(self.device), targets.to(self.device)
+
+
+def no_cache_reason(model) -> str | None:
+    """Why some block of ``model`` takes no cache policy, or None when every block takes one."""
+    from gatelab.cache import check_cacheable
+
+    for block in model.blocks:
+        try:
+            check_cacheable(block.mixer)
+        except (TypeError, ValueError) as error:
+            return str(error)
+    return None
+
+
+def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_size: int, seed: int) -> dict:
+    """The ``kv_cache*`` fields of one run's results entry: decode the first of ``batches`` (inputs (B, T),
+    targets (B, T)) under "full" and every (budget, policy); "kv_cache_note" instead for a model that
+    takes no policy. A failing policy gives a row with "error" and leaves the others."""
+    from gatelab.cache.evaluate import decode_eval, finetune_gates
+
+    reason = no_cache_reason(model)
+    if reason is not None:
+        return {"kv_cache": [], "kv_cache_note": f"no KV cache: {reason}"}
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    inputs, targets = batches[0]
+    batch = [(inputs.to(device), targets.to(device))]
+    B, T = inputs.shape
+    rows = []
+
+    def record(policy: str, budget: float, evaluate) -> None:
+        row = {"policy": policy, "budget": budget}
+        try:
+            metrics, extra = evaluate()
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as error:  # one failing policy must not hide the others' rows
+            rows.append({**row, "error": f"{type(error).__name__}: {error}"})
+            return
+        keys = ("loss", "accuracy", "kept_fraction", "held_fraction", "peak_cache_bytes", "tokens_per_s")
+        rows.append({**row, **{k: metrics[k] for k in keys}, **extra})
+
+    def gated(budget: float):
+        with torch.random.fork_rng(devices=[]):  # the gates' init depends on the run, not on run order
+            torch.manual_seed(seed)
+            tuned, history = finetune_gates(
+                model, _OnDevice(task, device), target_keep=budget, steps=options.gate_steps,
+                batch_size=batch_size, seed=seed,
+            )  # fmt: skip
+        extra = {"gate_steps": options.gate_steps, "train_kept": history[-1]["kept"] if history else None}
+        return decode_eval(tuned, batch, "attention_gate"), extra
+
+    record("full", 1.0, lambda: (decode_eval(model, batch, "full"), {}))
+    for budget in options.budgets:
+        for policy in options.policies[1:]:
+            if policy == "attention_gate":
+                record(policy, budget, lambda b=budget: gated(b))
+            else:
+                record(policy, budget,
+                       lambda p=policy, b=budget: (decode_eval(model, batch, p, budget=b, seq_len=T), {}))  # fmt: skip
+    return {"kv_cache": rows, "kv_cache_batch": {"batch_size": B, "seq_len": T},
+            "kv_cache_wall_s": time.perf_counter() - start}  # fmt: skip
+
+
+def has_rows(results: dict) -> bool:
+    return any(run.get("kv_cache") for run in results.get("runs", []))
+
+
+def failures(runs: list[dict]) -> list[str]:
+    """'mixer on task (seed s): policy budget: error' for every KV-cache row that failed."""
+    return [
+        f"{r['mixer']} on {r['task']} (seed {r['seed']}): {row['policy']} {row['budget']}: {row['error']}"
+        for r in runs
+        for row in r.get("kv_cache") or []
+        if "error" in row
+    ]
+
+
+def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one task's KV-cache table: mixer x policy x budget, mean (± std) over seeds."""
+    header = ["mixer", "policy", "budget"] + [h for _, h, _ in KV_COLUMNS]
+    blank = [""] * len(KV_COLUMNS)
+    rows = []
+    for mixer in results["config"]["mixers"]:
+        runs = [
+            r for r in results["runs"] if r["task"] == task and r["mixer"] == mixer and r["status"] == "ok"
+        ]
+        notes = [r["kv_cache_note"] for r in runs if r.get("kv_cache_note")]
+        if notes:
+            rows.append([mixer, "no KV cache", ""] + blank)
+            continue
+        groups: dict[tuple[str, float], list[dict]] = {}
+        for run in runs:
+            full = next((row for row in run.get("kv_cache") or [] if row["policy"] == "full"), {})
+            for row in run.get("kv_cache") or []:
+                groups.setdefault((row["policy"], row["budget"]), []).append(_metrics(row, full))
+        for (policy, budget), metrics in groups.items():
+            errors = [m["error"] for m in metrics if m.get("error")]
+            if errors:
+                rows.append([mixer, policy, f"{budget:g}", f"failed: {errors[0][:60]}"] + blank[1:])
+                continue
+            cells = [format_cell(mean_std([m[k] for m in metrics]), f) for k, _, f in KV_COLUMNS]
+            rows.append([mixer, policy, f"{budget:g}"] + cells)
+    return header, rows
+
+
+def _metrics(row: dict, full: dict) -> dict:
+    if "error" in row:
+        return {"error": row["error"]}
+    out = {k: finite(row.get(k)) for k, _, _ in KV_COLUMNS}
+    loss, reference = finite(row.get("loss")), finite(full.get("loss"))
+    out["loss_vs_full"] = loss - reference if loss is not None and reference is not None else None
+    peak = finite(row.get("peak_cache_bytes"))
+    out["peak_cache_kib"] = peak / 1024 if peak is not None else None
+    return out
+
+
+def heading(results: dict, task: str) -> str:
+    batch = next(
+        (r["kv_cache_batch"] for r in results["runs"] if r["task"] == task and r.get("kv_cache_batch")), None
+    )
+    options = results["config"].get("kv_cache") or {}
+    text = task
+    if batch:
+        text += f": {batch['batch_size']} sequences of T={batch['seq_len']} decoded token by token"
+    if "attention_gate" in options.get("policies", []):
+        text += f"; attention gates fine-tuned {options['gate_steps']} steps per budget"
+    return text
+
+
+def markdown_section(results: dict) -> list[str]:
+    """The report's "KV-cache policies" section as lines, or [] when no run has KV-cache rows."""
+    if not has_rows(results):
+        return []
+    lines = ["## KV-cache policies", "", KV_NOTES, ""]
+    for task in results["config"]["tasks"]:
+        header, rows = table_rows(results, task)
+        if any(row[1] != "no KV cache" for row in rows):
+            lines += [f"### {heading(results, task)}", "", markdown_table(header, rows), ""]
+        elif rows:
+            lines += [f"### {task}", "", "No mixer run on this task keeps a KV cache.", ""]
+    return lines
+
+
+def print_tables(results: dict, console) -> None:
+    """One rich table per task with KV-cache rows."""
+    from rich.table import Table
+
+    if not has_rows(results):
+        return
+    for task in results["config"]["tasks"]:
+        header, rows = table_rows(results, task)
+        if not any(row[1] != "no KV cache" for row in rows):
+            continue
+        table = Table(title=f"KV-cache policies, {heading(results, task)}")
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i < 2 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
