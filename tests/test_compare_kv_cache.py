@@ -80,13 +80,17 @@ def test_softmax_decodes_under_every_policy_and_gla_has_no_cache(kv_run):
 
 
 def test_report_has_the_kv_cache_section(kv_run):
-    _, run_dir, _ = kv_run
+    _, run_dir, results = kv_run
     report = (run_dir / "report.md").read_text()
     section = report[report.index("## KV-cache policies") :]
     assert "### text: 8 sequences of T=32 decoded token by token" in section
     for policy in ("full | 1", "streaming | 0.5", "h2o | 0.5", "attention_gate | 0.5"):
         assert f"| softmax | {policy} | " in section
     assert "| gla | no KV cache |" in section
+    # the gated copy's own weights fine-tune too: its row is paired with that copy's full cache
+    gate = next(row for row in results["runs"][0]["kv_cache"] if row["policy"] == "attention_gate")
+    line = next(line for line in section.splitlines() if line.startswith("| softmax | attention_gate |"))
+    assert line.split(" | ")[4] == format(gate["loss"] - gate["reference_loss"], "+.3f")
 
 
 def test_merge_carries_the_rows_and_averages_over_seeds(kv_run, tmp_path):
