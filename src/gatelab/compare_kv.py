@@ -228,15 +228,19 @@ def _metrics(row: dict, full: dict) -> dict:
 
 
 def heading(results: dict, task: str) -> str:
-    batch = next(
-        (r["kv_cache_batch"] for r in results["runs"] if r["task"] == task and r.get("kv_cache_batch")), None
+    """The task, its decoded batch and the gates' fine-tuning steps, read from the runs themselves (a
+    merged report may join runs asked for different options)."""
+    runs = [r for r in results["runs"] if r["task"] == task]
+    batches = {(b["batch_size"], b["seq_len"]) for r in runs if (b := r.get("kv_cache_batch"))}
+    steps = sorted(
+        {row["gate_steps"] for r in runs for row in r.get("kv_cache") or [] if "gate_steps" in row}
     )
-    options = results["config"].get("kv_cache") or {}
     text = task
-    if batch:
-        text += f": {batch['batch_size']} sequences of T={batch['seq_len']} decoded token by token"
-    if "attention_gate" in options.get("policies", []):
-        text += f"; attention gates fine-tuned {options['gate_steps']} steps per budget"
+    if batches:
+        text += ": " + " / ".join(f"{B} sequences of T={T}" for B, T in sorted(batches))
+        text += " decoded token by token"
+    if steps:
+        text += f"; attention gates fine-tuned {'/'.join(map(str, steps))} steps per budget"
     return text
 
 
