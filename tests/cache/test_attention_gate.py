@@ -197,3 +197,43 @@ def test_gate_option_errors():
     for bad in ({"heads": 0}, {"d_gate": 2.5}, {"window": 0}, {"window": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             make_policy("attention_gate", mixer, **bad)
+
+
+@pytest.mark.parametrize("key", ["softmax", "gated_softmax"])
+def test_recent_blocks_keep_evicted_tokens_visible_for_one_more_block(key):
+    torch.manual_seed(0)
+    c = 4
+    mixer = gatelab.make_mixer(key, d_model=64, n_heads=4)
+    policy = saturated_gate(make_policy("attention_gate", mixer, recent=c))
+    mixer.cache_policy = policy
+    x = torch.randn(3, 19, 64)
+    flags = x[..., : mixer.config.kv_heads] + 0.3 > 0  # (B, T, Hkv)
+    flags[:, 0] = True
+    with torch.no_grad():
+        mixer.train()
+        relaxed, _ = mixer(x)
+        mixer.eval()
+        hard, _ = mixer(x)  # cut into blocks of 4 inside the policy
+        decoded, state = run_decode(mixer, x, 6)
+        outs, step = [], None
+        for t in range(19):  # one token at a time: every call lies in one block, internals allowed
+            new = torch.full((3, 1, mixer.config.kv_heads), t)
+            pos = new if step is None else torch.cat([step.positions, new], dim=1)  # rows it attends
+            y, step, internals = mixer(x[:, t : t + 1], state=step, return_internals=True)
+            outs.append(y)
+            attn = internals["attn"][:, :, 0]  # (B, H, S) over the cache rows
+            group = mixer.config.n_heads // mixer.config.kv_heads
+            for h in range(mixer.config.n_heads):
+                rows = pos[:, :, h // group]  # (B, S)
+                seen = attn[:, h] > 0
+                j = rows.clamp(min=0)
+                allowed = (rows >= 0) & (flags[:, :, h // group].gather(1, j) | (t // c - j // c <= 1))
+                assert not (seen & ~allowed).any()  # no hidden or padding row is attended
+                assert (seen | ~allowed).all()  # every visible token is attended
+    assert_close("relaxed vs hard", relaxed, hard, torch.float32)
+    assert_close("decode vs parallel", decoded, hard, torch.float32)
+    assert_close("token by token vs parallel", torch.cat(outs, dim=1), hard, torch.float32)
+    older = torch.arange(19).view(1, -1, 1) // c < 19 // c - 1  # tokens whose block has passed
+    assert state.kept_tokens == int((flags | ~older).sum())  # evicted old tokens are gone, recent ones held
+    with pytest.raises(ValueError, match="internals"):
+        mixer(x, return_internals=True)

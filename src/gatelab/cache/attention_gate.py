@@ -20,7 +20,12 @@ against 2 * kv_heads * head_dim for the layer's cache), counted in the bytes a l
 bounds it to the last ``window`` tokens (None: the whole context, as in the paper). Where this differs
 from the paper: its attention is causal (the paper reads the whole prompt at prefill), so that a flag never
 depends on later tokens and the parallel, chunked and token-by-token forms agree; the first token is always
-kept (an attention sink, and every query then has at least one visible key).
+kept (an attention sink, and every query then has at least one visible key); and by default
+(``rope_by_cache_position=True``) keys are cached before RoPE and rotated by their slot among the kept
+tokens of their head, as StreamingLLM does, in training too (the slots are running counts of the hard
+flags), so that a cache that keeps a fraction f of T tokens spans f * T positions. Measured with
+``gatelab cache`` on text at 4x the training length, 50% kept: loss 1.96-2.03 over three fine-tuning seeds
+with cache positions, 2.21-2.31 with text positions.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ class AttentionGatePolicy(CachePolicy):
 
     def __init__(self, d_model: int, kv_heads: int, target_keep: float = 0.5, eviction_weight: float = 1.0,
                  heads: int = 1, d_gate: int = 8, window: int | None = None, init_keep: float = 0.9,
-                 relaxation: str = "straight_through", rope_by_cache_position: bool = False):  # fmt: skip
+                 relaxation: str = "straight_through", rope_by_cache_position: bool = True,
+                 recent: int = 0):  # fmt: skip
         super().__init__()
         if (
             isinstance(target_keep, bool)
@@ -89,6 +95,8 @@ class AttentionGatePolicy(CachePolicy):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise ValueError(f"window must be a positive int (tokens the gate reads) or None, got {window!r}")
+        if not isinstance(recent, int) or isinstance(recent, bool) or recent < 0:
+            raise ValueError(f"recent must be an int >= 0 (tokens per block, 0: off), got {recent!r}")
         if not 0 < init_keep < 1:
             raise ValueError(f"init_keep must be in (0, 1), got {init_keep!r}")
         if relaxation not in ("soft", "straight_through"):
@@ -96,6 +104,7 @@ class AttentionGatePolicy(CachePolicy):
         self.target_keep, self.eviction_weight = float(target_keep), float(eviction_weight)
         self.relaxation = relaxation
         self.rope_by_cache_position = bool(rope_by_cache_position)
+        self.recent = recent
         self.gate = AttentionGate(d_model, kv_heads, heads, d_gate, window, init_keep)
         self.last_keep: torch.Tensor | None = None  # (Hkv,) straight-through kept fractions, last forward
 
@@ -125,24 +134,60 @@ class AttentionGatePolicy(CachePolicy):
             raise RuntimeError("eviction_loss() needs a forward pass first")
         return self.eviction_weight * ((self.last_keep - self.target_keep) ** 2).mean()
 
+    def run(self, mixer, x, state, return_internals):
+        """With ``recent`` blocks, a call is cut at block boundaries (every query of a piece shares one block,
+        so the rows it sees take a per-row bias) and the pieces run one after another on the cache."""
+        start = 0 if state is None else getattr(state, "length", 0)
+        T = x.shape[1]
+        first_end = (start // self.recent + 1) * self.recent if self.recent else start + T
+        if start + T <= first_end:
+            return super().run(mixer, x, state, return_internals)
+        if return_internals:
+            raise ValueError(
+                f"attention_gate with recent={self.recent} returns internals only for a call inside one block "
+                f"of {self.recent} tokens; got tokens {start}..{start + T - 1}"
+            )
+        cuts = [0, *range(first_end - start, T, self.recent), T]
+        ys, keeps = [], []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            y, state, _ = super().run(mixer, x[:, a:b], state, False)
+            ys.append(y)
+            keeps.append(self.last_keep * (b - a))
+        self.last_keep = sum(keeps) / T  # the eviction-rate loss covers the whole call
+        return torch.cat(ys, dim=1), state, {}
+
+    def _recent_rows(self, cache: PolicyCache, block: int) -> torch.Tensor:
+        """(B, S, Hkv) bool: rows holding a token of block ``block - 1`` or later (padding excluded)."""
+        return (cache.positions >= 0) & (cache.positions // self.recent >= block - 1)
+
+    def visible_bias(self, cache, positions):
+        if not self.recent or cache.bias is None:
+            return cache.bias
+        block = int(positions[0]) // self.recent  # run() keeps every query of a call in one block
+        return cache.bias.masked_fill(self._recent_rows(cache, block), 0.0)
+
     def evict(self, cache, probs):
         if self.training or cache.bias is None:
             return cache  # the relaxation keeps every token, weighted by its log-gate
         keep = cache.bias > MASKED / 2  # (B, S, Hkv)
+        if self.recent:  # evicted tokens of the recent blocks stay until the next query stops seeing them
+            keep = keep | self._recent_rows(cache, cache.length // self.recent)
         if bool(keep.all()):
             return cache
         kept = int(keep.sum(dim=1).max())
         # kept slots first, each row in position order (a stable sort of the 0/1 "evicted" flag)
         order = (~keep).to(torch.int8).sort(dim=1, stable=True).indices[:, :kept]
         out = cache.gather(order)
-        valid = out.bias > MASKED / 2  # rows with fewer kept tokens than ``kept`` end with padding
+        valid = keep.gather(1, order)  # rows with fewer kept tokens than ``kept`` end with padding
         out.k = out.k * valid[..., None].to(out.k.dtype)  # padding holds no evicted token's key or value
         out.v = out.v * valid[..., None].to(out.v.dtype)
+        out.positions = out.positions.masked_fill(~valid, -1)
+        out.bias = out.bias.masked_fill(~valid, MASKED)
         return out
 
     def extra_repr(self) -> str:
         g = self.gate
         return (
             f"target_keep={self.target_keep}, eviction_weight={self.eviction_weight}, heads={g.heads}, "
-            f"d_gate={g.d_gate}, window={g.window}"
+            f"d_gate={g.d_gate}, window={g.window}, recent={self.recent}"
         )

@@ -95,11 +95,28 @@ def finetune_gates(
         tuned, "attention_gate", target_keep=target_keep, eviction_weight=eviction_weight, **gate_options
     )
     gates = [p for n, p in tuned.named_parameters() if ".cache_policy." in n]
-    rest = [p for n, p in tuned.named_parameters() if ".cache_policy." not in n]
-    groups = [{"params": gates, "lr": gate_lr}] + ([{"params": rest, "lr": lr}] if lr > 0 else [])
+    return _finetune(tuned, task, steps, gates, gate_lr, lr, batch_size, seed)
+
+
+def finetune_lm(model, task, steps: int, batch_size: int = 16, lr: float = 3e-4, seed: int = 0):
+    """A copy of ``model`` fine-tuned on ``task`` exactly as :func:`finetune_gates` tunes the LM, without
+    gates: the control that gives the training-free policies the same LM updates. Returns (model, history)."""
+    return _finetune(copy.deepcopy(model), task, steps, [], 0.0, lr, batch_size, seed)
+
+
+def _finetune(tuned, task, steps, gates, gate_lr, lr, batch_size, seed):
+    """AdamW at constant learning rates (betas 0.9/0.95, no weight decay, clip 1.0) on cross-entropy plus
+    the gates' eviction-rate loss; the same batches for the same seed with or without gates."""
+    ids = {id(p) for p in gates}
+    rest = [p for p in tuned.parameters() if id(p) not in ids]
+    groups = ([{"params": gates, "lr": gate_lr}] if gates else []) + (
+        [{"params": rest, "lr": lr}] if lr > 0 else []
+    )
     if lr <= 0:
         for p in rest:
             p.requires_grad_(False)
+    if not groups:
+        raise ValueError("nothing to fine-tune: no gates and lr <= 0")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     tuned.train()

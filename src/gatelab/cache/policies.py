@@ -40,10 +40,8 @@ class PolicyCache(KVCache):
 
     @property
     def kept_tokens(self) -> int:
-        """Tokens actually held, summed over batch rows and KV heads (padding slots excluded)."""
-        if self.bias is None:
-            return self.k.shape[0] * self.k.shape[1] * self.k.shape[2]
-        return int((self.bias > MASKED / 2).sum())
+        """Tokens actually held, summed over batch rows and KV heads (padding slots, position -1, excluded)."""
+        return int((self.positions >= 0).sum())
 
     @property
     def kept_nbytes(self) -> int:
@@ -56,15 +54,16 @@ class PolicyCache(KVCache):
         """Bytes of the attention gate's own decoding state (0 without a gate)."""
         return 0 if self.gate_state is None else self.gate_state.nbytes
 
-    def slots(self) -> torch.Tensor:
-        """The position of each row inside the cache, counting kept rows only: (S,) when every row is kept,
-        else (B, S, Hkv) long, the exclusive running count of kept rows (a masked row gets the slot the next
-        kept row will take). Rotating by these gives the distances of a cache without padding or evicted
-        rows, the same in a parallel pass and token by token."""
-        if self.bias is None:
+    def slots(self, bias: torch.Tensor | None) -> torch.Tensor:
+        """The position of each row inside the cache, counting visible rows only (``bias`` (B, S, Hkv) as the
+        queries see it, or None: all visible): (S,) when every row is visible, else (B, S, Hkv) long, the
+        exclusive running count of visible rows (a hidden row gets the slot the next visible row will take).
+        Rotating by these gives the distances of a cache without padding or hidden rows, the same in a
+        parallel pass and token by token."""
+        if bias is None:
             return torch.arange(self.k.shape[1], device=self.k.device)
-        kept = (self.bias > MASKED / 2).long()
-        return kept.cumsum(dim=1) - kept
+        visible = (bias > MASKED / 2).long()
+        return visible.cumsum(dim=1) - visible
 
     def gather(self, index: torch.Tensor) -> PolicyCache:
         """Keep the slots ``index`` (B, S', Hkv) long (per batch row and KV head), in that order."""
@@ -120,6 +119,11 @@ class CachePolicy(nn.Module):
         """Score bias (B, T, Hkv) of the new tokens as keys (None: all visible) and the gate state."""
         return None, None
 
+    def visible_bias(self, cache: PolicyCache, positions: torch.Tensor) -> torch.Tensor | None:
+        """Score bias (B, S, Hkv) of the cache rows as the new queries at ``positions`` (T,) see them, or None
+        (all visible). Default: the bias stored with the rows."""
+        return cache.bias
+
     def evict(self, cache: PolicyCache, probs: torch.Tensor | None) -> PolicyCache:
         """cache holds the kept tokens and the new chunk; probs (B, H, T, S) of the new queries or None."""
         return cache
@@ -167,16 +171,16 @@ class CachePolicy(nn.Module):
                 gate_state=gate_state,
                 rope_applied=state.rope_applied,
             )
-        keys = cache.k
+        keys, bias = cache.k, self.visible_bias(cache, positions)
         if late_rope:  # StreamingLLM: positions inside the cache, not in the text
-            slots = cache.slots()  # (S,) or (B, S, Hkv)
+            slots = cache.slots(bias)  # (S,) or (B, S, Hkv)
             if slots.ndim == 1:
                 q_slots = slots[-T:]
             else:  # per KV head -> per query head (grouped-query heads share a KV head)
                 q_slots = slots[:, -T:].repeat_interleave(c.n_heads // c.kv_heads, dim=2)
             keys, q = apply_rope(keys, slots, mixer.inv_freq), apply_rope(q, q_slots, mixer.inv_freq)
-        if cache.bias is not None and bool((cache.bias != 0).any()):
-            q, keys = with_key_bias(q, keys, cache.bias)
+        if bias is not None and bool((bias != 0).any()):
+            q, keys = with_key_bias(q, keys, bias)
         want = return_internals or self.needs_probs
         o, internals = mixer.attend(q, keys, cache.v, x, extra, want)
         probs = internals.get("attn") if want else None
