@@ -10,15 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("gatelab.train")
-pytest.importorskip("gatelab.cache.evaluate")
-
-from gatelab.cli import main  # noqa: E402
-from gatelab.compare_kv import KVCacheOptions, evaluate_run, parse_options  # noqa: E402
-from gatelab.models.lm import LM, LMConfig  # noqa: E402
-from gatelab.presets import PRESETS  # noqa: E402
-from gatelab.report import merge_results  # noqa: E402
-from gatelab.tasks import IGNORE, make_task  # noqa: E402
+from gatelab.cli import main
+from gatelab.compare_kv import KVCacheOptions, evaluate_run, parse_options
+from gatelab.models.lm import LM, LMConfig
+from gatelab.presets import PRESETS
+from gatelab.report import merge_results
+from gatelab.tasks import IGNORE, make_task
 
 KV_ARGS = ["--kv-cache", "streaming,h2o,attention_gate", "--kv-budgets", "0.5", "--kv-gate-steps", "2"]
 
@@ -87,7 +84,7 @@ def test_report_has_the_kv_cache_section(kv_run):
     for policy in ("full | 1", "streaming | 0.5", "h2o | 0.5", "attention_gate | 0.5"):
         assert f"| softmax | {policy} | " in section
     assert "| gla | no KV cache |" in section
-    # the gated copy's own weights fine-tune too: its row is paired with that copy's full cache
+    # the gated copy's own weights fine-tune too: its row is paired with the control's full cache
     gate = next(row for row in results["runs"][0]["kv_cache"] if row["policy"] == "attention_gate")
     line = next(line for line in section.splitlines() if line.startswith("| softmax | attention_gate |"))
     assert line.split(" | ")[4] == format(gate["loss"] - gate["reference_loss"], "+.3f")
@@ -170,3 +167,19 @@ def test_parse_options_defaults():
     assert options == KVCacheOptions(("full", "attention_gate", "streaming"), (0.5, 0.25), 100)
     with pytest.raises(ValueError, match="known policies: full, streaming, h2o, attention_gate"):
         parse_options("window", None, None)
+
+
+def test_gate_reference_is_the_control_fine_tune():
+    """The gate row's reference is the run's model fine-tuned without gates as the gated copy was."""
+    from gatelab.cache.evaluate import decode_eval, finetune_lm
+
+    task = make_task("text", seq_len=16, max_bytes=50_000)
+    model = LM(
+        LMConfig(vocab_size=task.vocab_size, d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=16)
+    )
+    batches = task.eval_batches(1, 2)
+    options = KVCacheOptions(("full", "attention_gate"), (0.5,), 3)
+    fields = evaluate_run(model, task, batches, options, batch_size=4, seed=0)
+    gate = next(row for row in fields["kv_cache"] if row["policy"] == "attention_gate")
+    control, _ = finetune_lm(model, task, steps=3, batch_size=4, seed=0)
+    assert gate["reference_loss"] == pytest.approx(decode_eval(control, batches, "full")["loss"], rel=1e-6)

@@ -29,8 +29,9 @@ KV_NOTES = (
     "(streaming and h2o keep at most that many tokens; attention_gate is fine-tuned for the given steps "
     "towards that keep rate, on a copy of the model whose own weights fine-tune too, and then keeps what "
     "its gates choose); full: the plain cache, the reference. "
-    "loss - full: paired difference to the full cache of the same run (for attention_gate: of its "
-    "fine-tuned copy, whose extra training alone can lower the loss); kept: tokens held / tokens seen at "
+    "loss - full: paired difference to the full cache of the same run (for attention_gate: of the "
+    "control, the run's model fine-tuned the same steps, batches and learning rate without gates, since "
+    "the extra training alone can lower the loss); kept: tokens held / tokens seen at "
     "the end, mean over layers; held: bytes allocated (an attention gate's own state included) / bytes of "
     "the full cache; peak cache KiB: most bytes held over all layers at any step. Mixers with a fixed-size "
     "recurrent state (or their own cache) take no policy: 'no KV cache'."
@@ -124,7 +125,7 @@ def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_s
     """The ``kv_cache*`` fields of one run's results entry: decode the first of ``batches`` (inputs (B, T),
     targets (B, T)) under "full" and every (budget, policy); "kv_cache_note" instead for a model that
     takes no policy. A failing policy gives a row with "error" and leaves the others."""
-    from gatelab.cache.evaluate import decode_eval, finetune_gates
+    from gatelab.cache.evaluate import decode_eval, finetune_gates, finetune_lm
 
     reason = no_cache_reason(model)
     if reason is not None:
@@ -148,6 +149,18 @@ def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_s
         keys = ("loss", "accuracy", "kept_fraction", "held_fraction", "peak_cache_bytes", "tokens_per_s")
         rows.append({**row, **{k: metrics[k] for k in keys}, **extra})
 
+    control = {}
+
+    def reference() -> dict:
+        """Full cache of the control: the run's model fine-tuned as the gated copies are, without gates
+        (the same steps, batches and learning rate), so a gate row's gain is not the extra training's."""
+        if not control:
+            tuned, _ = finetune_lm(
+                model, _OnDevice(task, device), steps=options.gate_steps, batch_size=batch_size, seed=seed
+            )
+            control.update(decode_eval(tuned, batch, "full"))
+        return control
+
     def gated(budget: float):
         with torch.random.fork_rng(devices=[]):  # the gates' init depends on the run, not on run order
             torch.manual_seed(seed)
@@ -156,10 +169,9 @@ def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_s
                 batch_size=batch_size, seed=seed,
             )  # fmt: skip
         metrics = decode_eval(tuned, batch, "attention_gate")
-        # the copy's own weights fine-tuned too: its full cache, not the run's, is this row's reference
-        reference = decode_eval(tuned, batch, "full")
+        ref = reference()
         extra = {"gate_steps": options.gate_steps, "train_kept": history[-1]["kept"] if history else None,
-                 "reference_loss": reference["loss"], "reference_accuracy": reference["accuracy"]}  # fmt: skip
+                 "reference_loss": ref["loss"], "reference_accuracy": ref["accuracy"]}  # fmt: skip
         return metrics, extra
 
     record("full", 1.0, lambda: (decode_eval(model, batch, "full"), {}))

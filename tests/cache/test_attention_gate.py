@@ -127,11 +127,30 @@ def test_cache_command_quick(tmp_path):
     from gatelab.cli import main
 
     out = tmp_path / "run"
-    argv = ["cache", "--quick", "--tasks", "text", "--budgets", "1.0,0.5", "--out", str(out)]
+    argv = [
+        "cache",
+        "--quick",
+        "--tasks",
+        "text",
+        "--budgets",
+        "1.0,0.5",
+        "--gate-recent",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["tasks"]["text"]["rows"]
-    assert {r["policy"] for r in rows} == {"full", "streaming", "h2o", "attention_gate"}
+    assert {r["policy"] for r in rows} == {
+        "full",
+        "streaming",
+        "h2o",
+        "attention_gate",
+        "attention_gate+recent4",
+    }
+    recent = next(r for r in rows if r["policy"] == "attention_gate+recent4" and r["budget"] == 0.5)
+    assert recent["gate_options"]["target_keep"] == pytest.approx(0.5 - 1.5 * 4 / 24)  # the blocks' share
     half = {r["policy"]: r for r in rows if r["budget"] == 0.5}
     assert half["streaming"]["kept_fraction"] == half["h2o"]["kept_fraction"] == 0.5
     assert (out / "quality_vs_memory.png").stat().st_size > 0 and "| h2o | 0.50 |" in (
@@ -139,6 +158,7 @@ def test_cache_command_quick(tmp_path):
     ).read_text()
     assert main(["cache", "--budgets", "0", "--out", str(out)]) == 2
     assert main(["cache", "--policies", "lru", "--out", str(out)]) == 2
+    assert main(["cache", "--gate-recent", "-1", "--out", str(out)]) == 2
 
 
 def test_bf16_hard_decode_against_fp32():
@@ -237,3 +257,34 @@ def test_recent_blocks_keep_evicted_tokens_visible_for_one_more_block(key):
     assert state.kept_tokens == int((flags | ~older).sum())  # evicted old tokens are gone, recent ones held
     with pytest.raises(ValueError, match="internals"):
         mixer(x, return_internals=True)
+
+
+def test_cache_command_seeds_give_mean_and_std(tmp_path):
+    from gatelab.cli import main
+    from gatelab.commands.cache import aggregate_rows
+
+    rows = aggregate_rows([[{"policy": "h2o", "budget": 0.5, "loss": 1.0, "accuracy": 0.5, "note": "a"}],
+                           [{"policy": "h2o", "budget": 0.5, "loss": 3.0, "accuracy": 0.7, "note": "b"}]])  # fmt: skip
+    assert rows == [{"policy": "h2o", "budget": 0.5, "loss": 2.0, "accuracy": pytest.approx(0.6),
+                     "note": "a", "loss_std": pytest.approx(2**0.5), "accuracy_std": pytest.approx(0.02**0.5),
+                     "seeds": 2}]  # fmt: skip
+    out = tmp_path / "run"
+    argv = [
+        "cache",
+        "--quick",
+        "--tasks",
+        "mqar",
+        "--budgets",
+        "0.5",
+        "--policies",
+        "full,h2o",
+        "--seeds",
+        "2",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    entry = json.loads((out / "results.json").read_text())["tasks"]["mqar"]
+    assert entry["seeds"] == [0, 1] and len(entry["runs"]) == 2
+    losses = [next(r["loss"] for r in run["rows"] if r["policy"] == "h2o") for run in entry["runs"]]
+    h2o = next(r for r in entry["rows"] if r["policy"] == "h2o")
+    assert h2o["loss"] == pytest.approx(sum(losses) / 2) and h2o["seeds"] == 2
+    assert " ± " in (out / "report.md").read_text()

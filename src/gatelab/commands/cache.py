@@ -34,6 +34,22 @@ TRAIN = {
 # The gate reads the last 64 tokens (a constant-size gate state): on text at 50% / 25% kept it scored
 # like a whole-context gate (1.96-2.03 / 2.05-2.12 vs 1.96-2.03 / 2.09-2.11 loss, fine-tuning seeds 0-2).
 GATE_OPTIONS = {"window": 64}
+RECENT_SHARE = 32  # --gate-recent default: blocks of eval length / 32 tokens (16 on text at T=512)
+
+
+def gate_variants(fraction: float, eval_len: int, recent: int) -> list[tuple[str, dict]]:
+    """(row label, finetune_gates options) of the gated rows at one budget: the paper's gate, and with
+    ``recent`` > 0 the gate whose evicted tokens stay visible for their block and the next. The recent
+    blocks hold ``recent`` to 2 * ``recent`` tokens (1.5 * ``recent`` on average), taken from the budget."""
+    variants = [("attention_gate", {"target_keep": fraction, **GATE_OPTIONS})]
+    if recent > 0:
+        target = 1.0 if fraction == 1.0 else max(0.01, fraction - 1.5 * recent / eval_len)
+        variants.append(
+            (f"attention_gate+recent{recent}", {"target_keep": target, "recent": recent, **GATE_OPTIONS})
+        )
+    return variants
+
+
 QUICK = {"steps": 4, "gate_steps": 2, "eval_len": 24, "eval_batches": 1, "eval_batch_size": 2}
 
 
@@ -90,7 +106,8 @@ def run_task(name: str, args, console) -> dict:
     def record(policy: str, fraction: float, metrics: dict, **extra) -> None:
         rows.append({"policy": policy, "budget": fraction, **metrics, **extra})
         console.print(
-            f"  {policy:>14} budget {fraction:.2f}: kept {metrics['kept_fraction']:.3f}, loss "
+            f"  {policy:>24} budget {fraction:.2f}: kept {metrics['kept_fraction']:.3f}, held "
+            f"{metrics['held_fraction']:.3f}, loss "
             f"{metrics['loss']:.3f}, accuracy {metrics['accuracy']:.3f}, "
             f"{metrics['tokens_per_s']:,.0f} tok/s"
         )
@@ -113,13 +130,15 @@ def run_task(name: str, args, console) -> dict:
             if policy == "full":
                 continue
             if policy == "attention_gate":
-                tuned, history = finetune_gates(
-                    base, train_task, fraction, budget["gate_steps"], batch_size=budget["batch_size"],
-                    seed=args.seed, **GATE_OPTIONS,
-                )  # fmt: skip
-                metrics = decode_eval(tuned, batches, "attention_gate")
-                record(policy, fraction, metrics, gate_steps=budget["gate_steps"],
-                       train_kept=history[-1]["kept"] if history else None)  # fmt: skip
+                recent = eval_len // RECENT_SHARE if args.gate_recent is None else args.gate_recent
+                for label, options in gate_variants(fraction, eval_len, recent):
+                    tuned, history = finetune_gates(
+                        base, train_task, steps=budget["gate_steps"], batch_size=budget["batch_size"],
+                        seed=args.seed, **options,
+                    )  # fmt: skip
+                    metrics = decode_eval(tuned, batches, "attention_gate")
+                    record(label, fraction, metrics, gate_steps=budget["gate_steps"], gate_options=options,
+                           train_kept=history[-1]["kept"] if history else None)  # fmt: skip
             elif fraction == 1.0:
                 record(policy, 1.0, full, note="budget >= sequence: identical to full (tested)")
             else:
@@ -132,13 +151,58 @@ def run_task(name: str, args, console) -> dict:
         "eval": eval_task.describe(),
         "model": config.to_dict(),
         "train_budget": budget,
-        "gate_options": GATE_OPTIONS,
         "base_train": {"wall_s": trained.wall_s, "final": trained.final},
         "base_full": {k: base_full[k] for k in ("loss", "accuracy")},
         "eval_batches": n_batches,
         "eval_batch_size": batch_size,
         "rows": rows,
     }
+
+
+def aggregate_rows(per_seed: list[list[dict]]) -> list[dict]:
+    """One row per (policy, budget), in first-seen order: numbers averaged over the seeds, with the
+    standard deviation (n - 1) of loss and accuracy as ``loss_std`` / ``accuracy_std`` (0 for one seed);
+    anything else taken from the first seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for rows in per_seed:
+        for row in rows:
+            groups.setdefault((row["policy"], row["budget"]), []).append(row)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        for key, value in group[0].items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "budget":
+                row[key] = sum(r[key] for r in group) / len(group)
+        for key in ("loss", "accuracy"):
+            values = torch.tensor([float(r[key]) for r in group], dtype=torch.float64)
+            row[f"{key}_std"] = float(values.std()) if len(group) > 1 else 0.0
+        row["seeds"] = len(group)
+        out.append(row)
+    return out
+
+
+def run_seeds(name: str, args, console) -> dict:
+    """run_task for each seed; with several, the per-seed entries go under "runs" and "rows" aggregates."""
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    entries = []
+    for seed in seeds:
+        if len(seeds) > 1:
+            console.print(f"{name}: seed {seed}")
+        entries.append(run_task(name, argparse.Namespace(**{**vars(args), "seed": seed}), console))
+    entry = dict(entries[0])
+    entry["seeds"] = seeds
+    if len(seeds) > 1:
+        entry["runs"] = entries
+        entry["rows"] = aggregate_rows([e["rows"] for e in entries])
+        entry["base_full"] = {
+            k: sum(e["base_full"][k] for e in entries) / len(entries) for k in ("loss", "accuracy")
+        }
+    return entry
+
+
+def _pm(row: dict, key: str, digits: int) -> str:
+    text = f"{row[key]:.{digits}f}"
+    return text + f" ± {row[key + '_std']:.{digits}f}" if row.get("seeds", 1) > 1 else text
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -154,16 +218,21 @@ def plot(results: dict, path: Path) -> Path:
         rows = results["tasks"][task]["rows"]
         for policy in dict.fromkeys(r["policy"] for r in rows):
             points = sorted(
-                (r.get("held_fraction", r["kept_fraction"]), r[metric]) for r in rows if r["policy"] == policy
+                (r.get("held_fraction", r["kept_fraction"]), r[metric], r.get(f"{metric}_std", 0.0))
+                for r in rows
+                if r["policy"] == policy
             )
             style = (
                 {"linestyle": "--", "marker": "*", "markersize": 12} if policy == "full" else {"marker": "o"}
             )
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=policy, **style)
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                        label=policy, capsize=3, **style)  # fmt: skip
         ax.set_xlabel("KV-cache bytes held / full cache (measured)")
         ax.set_ylabel(f"{metric} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
-        ax.set_title(f"{task}: T={results['tasks'][task]['eval']['seq_len']} "
-                     f"(trained at {results['tasks'][task]['train']['seq_len']})")  # fmt: skip
+        entry = results["tasks"][task]
+        seeds = len(entry.get("seeds", [0]))
+        ax.set_title(f"{task}: T={entry['eval']['seq_len']} (trained at {entry['train']['seq_len']})"
+                     + (f", mean ± std of {seeds} seeds" if seeds > 1 else ""), fontsize=10)  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -208,8 +277,8 @@ def markdown(results: dict) -> str:
             per_layer = "/".join(f"{b:,}" for b in r["bytes_per_layer"])
             lines.append(
                 f"| {r['policy']} | {r['budget']:.2f} | {r['kept_fraction']:.3f} | {r.get('held_fraction', 0):.3f} | "
-                f"{r['loss']:.4f} | "
-                f"{r['accuracy']:.3f} | {per_layer} | {r['peak_cache_bytes']:,} | {r['tokens_per_s']:,.0f} |"
+                f"{_pm(r, 'loss', 4)} | "
+                f"{_pm(r, 'accuracy', 3)} | {per_layer} | {r['peak_cache_bytes']:,} | {r['tokens_per_s']:,.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -220,6 +289,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="1.0,0.5,0.25,0.1", help="fractions of the cache kept")
     parser.add_argument("--steps", type=int, default=None, help="base training steps (default per task)")
     parser.add_argument("--gate-steps", type=int, default=None, help="attention-gate fine-tuning steps")
+    parser.add_argument(
+        "--gate-recent", type=int, default=None,
+        help="also run the attention gate with recent blocks of this many tokens (default: eval length / "
+        f"{RECENT_SHARE}; 0: only the paper's gate)",
+    )  # fmt: skip
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--n-heads", type=int, default=4)
@@ -227,7 +301,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-batches", type=int, default=None, help="evaluation batches (default per task)"
     )
     parser.add_argument("--eval-batch-size", type=int, default=None, help="rows per evaluation batch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds from --seed on; tables give mean ± std")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (default 1: one-token decode steps are too small to split across cores)",
@@ -263,11 +338,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
         "eval_batches",
         "eval_batch_size",
         "threads",
+        "seeds",
     )
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value}")
+    if args.gate_recent is not None and args.gate_recent < 0:
+        raise ValueError(f"--gate-recent must be >= 0 (0: only the paper's gate), got {args.gate_recent}")
     stamp = datetime.datetime.now(datetime.timezone.utc)
     run_dir = Path(args.out or f"runs/cache-{stamp:%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +366,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         "tasks": {},
     }
     for task in args.tasks:
-        results["tasks"][task] = run_task(task, args, console)
+        results["tasks"][task] = run_seeds(task, args, console)
         results["wall_s"] = time.perf_counter() - start
         (run_dir / "results.json").write_text(json.dumps(to_json_safe(results), indent=1))
     results["wall_s"] = time.perf_counter() - start
