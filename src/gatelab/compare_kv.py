@@ -162,12 +162,10 @@ def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_s
         return control
 
     def gated(budget: float):
-        with torch.random.fork_rng(devices=[]):  # the gates' init depends on the run, not on run order
-            torch.manual_seed(seed)
-            tuned, history = finetune_gates(
-                model, _OnDevice(task, device), target_keep=budget, steps=options.gate_steps,
-                batch_size=batch_size, seed=seed,
-            )  # fmt: skip
+        tuned, history = finetune_gates(
+            model, _OnDevice(task, device), target_keep=budget, steps=options.gate_steps,
+            batch_size=batch_size, seed=seed,
+        )  # fmt: skip
         metrics = decode_eval(tuned, batch, "attention_gate")
         ref = reference()
         extra = {"gate_steps": options.gate_steps, "train_kept": history[-1]["kept"] if history else None,

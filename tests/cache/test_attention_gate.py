@@ -288,3 +288,15 @@ def test_cache_command_seeds_give_mean_and_std(tmp_path):
     h2o = next(r for r in entry["rows"] if r["policy"] == "h2o")
     assert h2o["loss"] == pytest.approx(sum(losses) / 2) and h2o["seeds"] == 2
     assert " ± " in (out / "report.md").read_text()
+
+
+def test_finetune_gates_depends_on_its_seed_only():
+    from gatelab.tasks import make_task
+
+    task = make_task("text", seq_len=16, max_bytes=50_000)
+    model = LM(LMConfig(d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=16))
+    torch.manual_seed(1)
+    _, first = finetune_gates(model, task, target_keep=0.5, steps=3, batch_size=2, seed=7)
+    torch.rand(100)  # whatever ran before must not change the gates' init
+    _, second = finetune_gates(model, task, target_keep=0.5, steps=3, batch_size=2, seed=7)
+    assert first == second

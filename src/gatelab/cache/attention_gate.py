@@ -26,6 +26,14 @@ tokens of their head, as StreamingLLM does, in training too (the slots are runni
 flags), so that a cache that keeps a fraction f of T tokens spans f * T positions. Measured with
 ``gatelab cache`` on text at 4x the training length, 50% kept: loss 1.96-2.03 over three fine-tuning seeds
 with cache positions, 2.21-2.31 with text positions.
+
+``recent`` (0 = off, the paper's semantics) is an extension: the sequence is cut into blocks of
+``recent`` tokens and an evicted token stays visible to the queries of its own block and the next one
+before it leaves the cache (the cache holds the kept tokens plus ``recent`` to 2 * ``recent`` recent ones).
+Every query of a block sees the same rows, so a call is cut at block boundaries and each piece takes a
+per-row bias: parallel, chunked and token-by-token decoding agree exactly. A byte-level LM needs its last
+few tokens, which a per-token keep/evict flag cannot keep as a whole; with ``recent=16`` the gate beat
+StreamingLLM and H2O on text at half the cache in ``gatelab cache`` (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -75,7 +83,13 @@ class AttentionGate(nn.Module):
 
 
 class AttentionGatePolicy(CachePolicy):
-    """The Attention-Gate policy of one attention layer; its gate trains with the LM."""
+    """The Attention-Gate policy of one attention layer; its gate trains with the LM.
+
+    target_keep: kept fraction the eviction-rate loss aims at, per KV head, in (0, 1]; eviction_weight: its
+    weight; heads, d_gate, window, init_keep: the gate (:class:`AttentionGate`); relaxation: "soft" or
+    "straight_through" (training forward); rope_by_cache_position: rotate keys by their slot among the
+    visible rows; recent: block size of the recent window (0: off). See the module docstring.
+    """
 
     name = "attention_gate"
 

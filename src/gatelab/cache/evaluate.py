@@ -89,11 +89,13 @@ def finetune_gates(
 ):
     """A copy of ``model`` with an attention gate in every layer, fine-tuned on ``task`` for cross-entropy +
     the gates' eviction-rate loss towards ``target_keep``: the gates at ``gate_lr`` (they start from
-    scratch), the LM at ``lr`` (0 freezes it). Returns (model, history)."""
+    scratch, initialised from ``seed``), the LM at ``lr`` (0 freezes it). Returns (model, history)."""
     tuned = copy.deepcopy(model)
-    apply_policy(
-        tuned, "attention_gate", target_keep=target_keep, eviction_weight=eviction_weight, **gate_options
-    )
+    with torch.random.fork_rng(devices=[]):  # the gates' init depends on the seed, not on what ran before
+        torch.manual_seed(seed)
+        apply_policy(
+            tuned, "attention_gate", target_keep=target_keep, eviction_weight=eviction_weight, **gate_options
+        )
     gates = [p for n, p in tuned.named_parameters() if ".cache_policy." in n]
     return _finetune(tuned, task, steps, gates, gate_lr, lr, batch_size, seed)
 
