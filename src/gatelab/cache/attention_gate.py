@@ -7,9 +7,10 @@ the attention scores as log-gates, score_ij + log sigmoid(s_j). With ``relaxatio
 (the default) the forward pass uses the hard flags (s > 0: bias 0, else MASKED), exactly what inference
 does, and the backward pass the log-gate's gradient; ``"soft"`` uses log sigmoid(s_j) in the forward
 too (measured here: a large gap between training and hard inference, see the report). The kept
-fraction of each KV head is measured with straight-through hard flags for the eviction-rate loss
-``eviction_weight * mean_heads (kept_head - target_keep) ** 2``: per head, so that no head keeps
-everything while another keeps little (the cache is rectangular, padded to its longest head).
+fraction of each sequence and KV head is measured with straight-through hard flags for the eviction-rate
+loss ``eviction_weight * mean_{b,h} (kept_bh - target_keep) ** 2``: per sequence and head, so that none
+keeps everything while another keeps little (the cache is rectangular, padded to its longest row: on
+MQAR at half the cache, a per-head target held 1.12 of the full cache's bytes, this one 0.67).
 Inference (eval mode): hard flags; an evicted token's key gets a MASKED score (exp underflows to 0,
 so it is hidden even from its own query) and is dropped from the cache after the chunk.
 
@@ -120,7 +121,7 @@ class AttentionGatePolicy(CachePolicy):
         self.rope_by_cache_position = bool(rope_by_cache_position)
         self.recent = recent
         self.gate = AttentionGate(d_model, kv_heads, heads, d_gate, window, init_keep)
-        self.last_keep: torch.Tensor | None = None  # (Hkv,) straight-through kept fractions, last forward
+        self.last_keep: torch.Tensor | None = None  # (B, Hkv) straight-through kept fractions, last forward
 
     def token_bias(self, mixer, x, state: PolicyCache | None, positions):
         logits, gate_state = self.gate(x, None if state is None else state.gate_state)  # (B, T, Hkv)
@@ -129,15 +130,15 @@ class AttentionGatePolicy(CachePolicy):
         if self.training:
             soft = torch.sigmoid(logits)
             flags = hard.float() + soft - soft.detach()  # straight-through: forward 0/1, backward sigmoid'
-            # kept fraction per KV head: a per-head target keeps the heads' cache lengths (and the
-            # padding of the rectangular cache) balanced
-            self.last_keep = torch.where(first, torch.ones_like(flags), flags).mean(dim=(0, 1))  # (Hkv,)
+            # kept fraction per sequence and KV head: a target for each keeps their cache lengths (and the
+            # padding of the rectangular cache, sized by the longest) balanced
+            self.last_keep = torch.where(first, torch.ones_like(flags), flags).mean(dim=1)  # (B, Hkv)
             bias = F.logsigmoid(logits.float()).masked_fill(first, 0.0)
             if self.relaxation == "straight_through":  # forward: the hard mask; backward: the log-gate's
                 hard_bias = torch.zeros_like(bias).masked_fill(~hard, MASKED)
                 bias = hard_bias + bias - bias.detach()
         else:
-            self.last_keep = hard.float().mean(dim=(0, 1))
+            self.last_keep = hard.float().mean(dim=1)
             bias = torch.zeros(hard.shape, device=x.device).masked_fill(~hard, MASKED)
         return bias, gate_state
 
