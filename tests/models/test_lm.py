@@ -60,6 +60,14 @@ def test_mixer_options_reach_the_mixer():
     assert mixer.config.qk_norm is True and mixer.config.rope is False
 
 
+def test_depth_dependent_mixers_get_their_layer_index():
+    model = LM(LMConfig(d_model=32, n_layers=3, n_heads=2, pattern="softmax,lightning*2"))
+    configs = [block.mixer.config for block in model.blocks[1:]]
+    assert [(c.layer_idx, c.n_layers) for c in configs] == [(1, 3), (2, 3)]
+    decays = [block.mixer.log_decay for block in model.blocks[1:]]
+    assert (decays[1] > decays[0]).all()  # deeper layers forget more slowly (TransNormerLLM)
+
+
 def test_forward_shapes_and_internals():
     model = small(n_layers=3)
     idx = torch.randint(0, 50, (3, 11))

@@ -111,9 +111,12 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """x + mixer(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, key: str, config: LMConfig):
+    def __init__(self, key: str, config: LMConfig, layer_idx: int = 0):
         super().__init__()
         options = {**config.mixer_options.get("*", {}), **config.mixer_options.get(key, {})}
+        names = {f.name for f in dataclasses.fields(get(key).config_cls)}
+        if {"layer_idx", "n_layers"} <= names:  # depth-dependent mixers (Lightning's decay schedule)
+            options = {"layer_idx": layer_idx, "n_layers": config.n_layers, **options}
         self.key = key
         self.mixer_norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.mixer = make_mixer(key, d_model=config.d_model, n_heads=config.n_heads, **options)
@@ -142,7 +145,7 @@ class LM(nn.Module):
             if config.seed is not None:
                 torch.manual_seed(config.seed)
             self.embed = nn.Embedding(config.vocab_size, config.d_model)
-            self.blocks = nn.ModuleList(Block(key, config) for key in self.layer_keys)
+            self.blocks = nn.ModuleList(Block(key, config, i) for i, key in enumerate(self.layer_keys))
             self.norm = nn.RMSNorm(config.d_model, eps=1e-6)
             self.head = (
                 None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
