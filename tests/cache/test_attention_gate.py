@@ -118,6 +118,11 @@ def test_finetune_and_decode_eval_on_tiny_sizes():
     gated = decode_eval(tuned, batches, "attention_gate")
     h2o = decode_eval(model, batches, "h2o", budget=0.25, seq_len=32)
     assert full["kept_fraction"] == 1.0 and h2o["kept_fraction"] == 0.25
+    assert full["kept_bytes_fraction"] == 1.0 and h2o["kept_bytes_fraction"] == 0.25
+    full_bytes = sum(full["bytes_per_layer"])
+    needed = sum(gated["kept_bytes_per_layer"]) + sum(gated["gate_bytes_per_layer"])
+    assert gated["kept_bytes_fraction"] == pytest.approx(needed / full_bytes)
+    assert gated["kept_bytes_fraction"] <= gated["held_fraction"]
     assert gated["kept_fraction"] < 1.0 and sum(gated["kept_bytes_per_layer"]) < sum(full["bytes_per_layer"])
     assert h2o["peak_cache_bytes"] == 2 * 8 * 2 * 16 * 4 * 2  # budget 8 tokens, 2 rows, 2 heads, k and v
     assert "cache_policy" not in model.blocks[0].mixer._modules  # the policy is removed afterwards

@@ -23,15 +23,17 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
     Returns loss and accuracy over labelled positions, the decode speed (tokens/s), and cache memory:
     bytes held per layer at the end (keys and values; an attention gate's own state separately), peak
     bytes held (all layers, gate states included, max over steps), the kept fraction (kept tokens /
-    tokens seen, mean over layers) and the held fraction (bytes allocated, gate states included / bytes
-    of a full cache; above the kept fraction when heads keep different numbers of tokens) at the end.
+    tokens seen, mean over layers), the held fraction (bytes allocated, gate states included / bytes of
+    a full cache; above the kept fraction when heads keep different numbers of tokens: the cache is
+    rectangular, padded to its longest row) and the kept-bytes fraction (bytes of the kept tokens plus
+    the gate states / bytes of a full cache: what a cache without padding would hold) at the end.
     """
     was_training = model.training
     model.eval()
     if policy != "attention_gate":  # a gated model comes with its gates (see finetune_gates)
         apply_policy(model, policy, **options)
     loss_sum, hits, count, tokens, seconds, peak = 0.0, 0, 0, 0, 0.0, 0
-    per_layer, kept, held = None, [], []
+    per_layer, kept, held, needed = None, [], [], []
     try:
         for inputs, targets in batches:
             B, T = inputs.shape
@@ -58,6 +60,9 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
             held.append(
                 sum(layer["held"] + layer["gate"] for layer in per_layer) / (full_bytes * len(per_layer))
             )
+            needed.append(
+                sum(layer["kept"] + layer["gate"] for layer in per_layer) / (full_bytes * len(per_layer))
+            )
     finally:
         if policy != "attention_gate":
             remove_policy(model)
@@ -67,6 +72,7 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
         "accuracy": hits / max(count, 1),
         "kept_fraction": sum(kept) / len(kept),
         "held_fraction": sum(held) / len(held),
+        "kept_bytes_fraction": sum(needed) / len(needed),
         "bytes_per_layer": [layer["held"] for layer in per_layer],
         "kept_bytes_per_layer": [layer["kept"] for layer in per_layer],
         "gate_bytes_per_layer": [layer["gate"] for layer in per_layer],

@@ -218,7 +218,7 @@ def plot(results: dict, path: Path) -> Path:
         rows = results["tasks"][task]["rows"]
         for policy in dict.fromkeys(r["policy"] for r in rows):
             points = sorted(
-                (r.get("held_fraction", r["kept_fraction"]), r[metric], r.get(f"{metric}_std", 0.0))
+                (r["kept_bytes_fraction"], r[metric], r.get(f"{metric}_std", 0.0))
                 for r in rows
                 if r["policy"] == policy
             )
@@ -227,7 +227,7 @@ def plot(results: dict, path: Path) -> Path:
             )
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                         label=policy, capsize=3, **style)  # fmt: skip
-        ax.set_xlabel("KV-cache bytes held / full cache (measured)")
+        ax.set_xlabel("bytes of kept keys/values + gate state / full cache")
         ax.set_ylabel(f"{metric} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
         entry = results["tasks"][task]
         seeds = len(entry.get("seeds", [0]))
@@ -250,11 +250,12 @@ def markdown(results: dict) -> str:
         f"Wall time: {results['wall_s']:.0f} s",
         "",
         "Each row decodes the evaluation sequences token by token (teacher forcing) under the policy. "
-        "kept: tokens held / tokens seen at the end, mean over layers; held: bytes allocated / bytes of "
-        "the full cache (padding included: attention-gate heads keep different numbers of tokens); "
-        "bytes/layer: keys and values "
-        "allocated per layer at the end (all sequences), the attention gate's own state included in held "
-        "and peak; peak: most bytes held over all layers at any step.",
+        "kept: tokens held / tokens seen at the end, mean over layers; kept+gate: bytes of the kept keys "
+        "and values plus the attention gate's own state / bytes of the full cache (what a cache without "
+        "padding holds; the plot's x axis); held: bytes this implementation allocates / bytes of the full "
+        "cache (its cache is rectangular, padded to the row and head that keep most: attention-gate rows "
+        "keep different numbers of tokens); bytes/layer: keys and values allocated per layer at the end "
+        "(all sequences); peak: most bytes held over all layers at any step, gate states included.",
         "",
         "Protocol: a softmax LM is trained at the training length; the attention-gate rows fine-tune it with "
         "gates (gate_steps, target keep = budget); every other row runs on the same LM fine-tuned the same "
@@ -270,13 +271,15 @@ def markdown(results: dict) -> str:
             f"Base LM before the control fine-tune, full cache: loss {entry['base_full']['loss']:.4f}, "
             f"accuracy {entry['base_full']['accuracy']:.3f}.",
             "",
-            "| policy | budget | kept | held | loss | accuracy | bytes/layer | peak cache bytes | decode tok/s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| policy | budget | kept | kept+gate | held | loss | accuracy | bytes/layer | peak cache bytes "
+            "| decode tok/s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in entry["rows"]:
             per_layer = "/".join(f"{b:,}" for b in r["bytes_per_layer"])
             lines.append(
-                f"| {r['policy']} | {r['budget']:.2f} | {r['kept_fraction']:.3f} | {r.get('held_fraction', 0):.3f} | "
+                f"| {r['policy']} | {r['budget']:.2f} | {r['kept_fraction']:.3f} | "
+                f"{r['kept_bytes_fraction']:.3f} | {r['held_fraction']:.3f} | "
                 f"{_pm(r, 'loss', 4)} | "
                 f"{_pm(r, 'accuracy', 3)} | {per_layer} | {r['peak_cache_bytes']:,} | {r['tokens_per_s']:,.0f} |"
             )
