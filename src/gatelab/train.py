@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gatelab.cache import eviction_loss
 from gatelab.tasks import IGNORE, Task
 
 CHECKPOINT = "checkpoint"  # folder in out_dir: model.safetensors, config.json, trainer.pt
@@ -296,7 +297,8 @@ def train(model: nn.Module, task: Task, config: TrainConfig) -> TrainResult:
             logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
         )
         # DDP averages gradients over ranks: scale so the average is the gradient of the global mean.
-        (loss_sum * (ranks.world / max(n_labels, 1))).backward()
+        # Attention gates (KV-cache eviction) add their eviction-rate loss, a mean per rank (0 without).
+        (loss_sum * (ranks.world / max(n_labels, 1)) + eviction_loss(model)).backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()

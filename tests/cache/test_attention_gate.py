@@ -305,3 +305,34 @@ def test_finetune_gates_depends_on_its_seed_only():
     torch.rand(100)  # whatever ran before must not change the gates' init
     _, second = finetune_gates(model, task, target_keep=0.5, steps=3, batch_size=2, seed=7)
     assert first == second
+
+
+def test_gates_trained_from_scratch_with_the_lm(tmp_path):
+    from gatelab.cli import main
+    from gatelab.tasks import make_task
+    from gatelab.train import TrainConfig, train
+
+    task = make_task("text", seq_len=16, max_bytes=50_000)
+    config = LMConfig(d_model=32, n_layers=2, n_heads=2, seed=0, max_seq_len=16, pattern="softmax,gla",
+                      attention_gate={"target_keep": 0.25, "init_keep": 0.6})  # fmt: skip
+    model = LM(config)
+    assert _gate_count(model) == 1  # the softmax layer; gla keeps a recurrent state, no KV cache
+    train(model, task, TrainConfig(steps=15, batch_size=4, lr=3e-2, warmup=1, eval_every=0, progress=False,
+                                   out_dir=str(tmp_path / "run")))  # fmt: skip
+    assert kept_fraction(model) < 0.6  # the eviction-rate loss reached the gates through the trainer
+    loaded = LM.load(tmp_path / "run")  # the config rebuilds the gates, the weights fill them
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(idx)[0], model.eval()(idx)[0])
+    with pytest.raises(ValueError, match="softmax-family"):
+        LM(LMConfig(d_model=32, n_layers=1, n_heads=2, pattern="gla", attention_gate={}))
+    argv = ["train", "--task", "text", "--seq-len", "16", "--steps", "2", "--batch-size", "2", "--d-model", "32",
+            "--attention-gate", "target_keep=0.5", "--attention-gate", "recent=4", "--no-progress",
+            "--out", str(tmp_path / "cli")]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["attention_gate"] == {
+        "target_keep": 0.5, "recent": 4}  # fmt: skip
+
+
+def _gate_count(model) -> int:
+    return sum("cache_policy" in block.mixer._modules for block in model.blocks)

@@ -37,6 +37,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY.NAME=VALUE",
         help="e.g. gated_softmax.gate=headwise",
     )
+    p.add_argument(
+        "--attention-gate", action="append", default=None, metavar="NAME=VALUE",
+        help="train KV-cache eviction gates with the LM on its softmax-family layers, e.g. "
+        "--attention-gate target_keep=0.5 [--attention-gate recent=16] (options of gatelab.cache's gate)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over DDP ranks)")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -102,6 +107,9 @@ def build(args: argparse.Namespace):
         mixer_options=mixer_options,
         max_seq_len=task.seq_len,
         seed=args.seed,
+        attention_gate=None
+        if args.attention_gate is None
+        else dict(_pairs(args.attention_gate, "--attention-gate")),
     )
     model = LM(lm_config)
     out = args.out or f"runs/train-{args.task}-{args.pattern.replace('*', 'x').replace(',', '+')}"

@@ -63,6 +63,10 @@ class LMConfig:
     max_seq_len: int = 1024
     tie_embeddings: bool = True
     seed: int | None = None  # if set, the init is reproducible regardless of the global RNG
+    # options of gatelab.cache's attention gate (e.g. {"target_keep": 0.5}): every softmax-family layer gets
+    # a KV-cache eviction gate that trains with the LM from scratch (its eviction-rate loss is added by the
+    # trainer); None: no gates
+    attention_gate: dict | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -84,6 +88,10 @@ class LMConfig:
             get(key)  # a typo in a key is an error; keys absent from this pattern are simply unused
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if self.attention_gate is not None and not isinstance(self.attention_gate, dict):
+            raise TypeError(
+                f"attention_gate must be a dict of gate options or None, got {self.attention_gate!r}"
+            )
 
     def layer_keys(self) -> list[str]:
         return parse_pattern(self.pattern, self.n_layers)
@@ -151,6 +159,27 @@ class LM(nn.Module):
                 None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
             )
             self.reset_parameters()
+            if config.attention_gate is not None:
+                self._add_attention_gates(config.attention_gate)
+
+    def _add_attention_gates(self, options: dict) -> None:
+        """An attention gate on every layer that keeps a KV cache (softmax family); other layers (recurrent,
+        or managing their own cache) get none. A model without such a layer is an error."""
+        from gatelab.cache import check_cacheable, make_policy
+
+        gated = 0
+        for block in self.blocks:
+            try:
+                check_cacheable(block.mixer)
+            except (TypeError, ValueError):
+                continue
+            block.mixer.cache_policy = make_policy("attention_gate", block.mixer, **options)
+            gated += 1
+        if not gated:
+            raise ValueError(
+                f"attention_gate needs a softmax-family layer with a KV cache; pattern {self.config.pattern!r} "
+                "has none"
+            )
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02); projections into the residual stream scaled by 1/sqrt(2 n_layers).
