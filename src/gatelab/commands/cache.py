@@ -161,8 +161,8 @@ def run_task(name: str, args, console) -> dict:
 
 def aggregate_rows(per_seed: list[list[dict]]) -> list[dict]:
     """One row per (policy, budget), in first-seen order: numbers averaged over the seeds, with the
-    standard deviation (n - 1) of loss and accuracy as ``loss_std`` / ``accuracy_std`` (0 for one seed);
-    anything else taken from the first seed."""
+    standard deviation (n - 1) of loss and accuracy as ``loss_std`` / ``accuracy_std`` (0 for one seed),
+    lists of numbers (bytes per layer) averaged element by element; anything else from the first seed."""
     groups: dict[tuple, list[dict]] = {}
     for rows in per_seed:
         for row in rows:
@@ -173,6 +173,8 @@ def aggregate_rows(per_seed: list[list[dict]]) -> list[dict]:
         for key, value in group[0].items():
             if isinstance(value, int | float) and not isinstance(value, bool) and key != "budget":
                 row[key] = sum(r[key] for r in group) / len(group)
+            elif isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+                row[key] = [sum(column) / len(group) for column in zip(*(r[key] for r in group))]
         for key in ("loss", "accuracy"):
             values = torch.tensor([float(r[key]) for r in group], dtype=torch.float64)
             row[f"{key}_std"] = float(values.std()) if len(group) > 1 else 0.0
@@ -276,12 +278,12 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in entry["rows"]:
-            per_layer = "/".join(f"{b:,}" for b in r["bytes_per_layer"])
+            per_layer = "/".join(f"{round(b):,}" for b in r["bytes_per_layer"])
             lines.append(
                 f"| {r['policy']} | {r['budget']:.2f} | {r['kept_fraction']:.3f} | "
                 f"{r['kept_bytes_fraction']:.3f} | {r['held_fraction']:.3f} | "
                 f"{_pm(r, 'loss', 4)} | "
-                f"{_pm(r, 'accuracy', 3)} | {per_layer} | {r['peak_cache_bytes']:,} | {r['tokens_per_s']:,.0f} |"
+                f"{_pm(r, 'accuracy', 3)} | {per_layer} | {round(r['peak_cache_bytes']):,} | {r['tokens_per_s']:,.0f} |"
             )
     return "\n".join(lines) + "\n"
 
