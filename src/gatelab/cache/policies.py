@@ -66,9 +66,14 @@ class PolicyCache(KVCache):
         return visible.cumsum(dim=1) - visible
 
     def gather(self, index: torch.Tensor) -> PolicyCache:
-        """Keep the slots ``index`` (B, S', Hkv) long (per batch row and KV head), in that order."""
-        take = lambda t: None if t is None else t.gather(1, index)
-        take4 = lambda t: t.gather(1, index[..., None].expand(-1, -1, -1, t.shape[-1]))
+        """Keep the slots ``index`` (B, S', Hkv) long (per batch row and KV head), or (S',) long (the same
+        slots for every row and head: an index_select, several times cheaper than a gather), in that order."""
+        if index.ndim == 1:
+            take = lambda t: None if t is None else t.index_select(1, index)
+            take4 = take
+        else:
+            take = lambda t: None if t is None else t.gather(1, index)
+            take4 = lambda t: t.gather(1, index[..., None].expand(-1, -1, -1, t.shape[-1]))
         return PolicyCache(
             take4(self.k),
             take4(self.v),
@@ -226,9 +231,8 @@ class StreamingPolicy(CachePolicy):
         S = cache.k.shape[1]
         if S <= self.sinks + self.window:
             return cache
-        B, _, Hkv = cache.positions.shape
         slots = torch.cat([torch.arange(self.sinks), torch.arange(S - self.window, S)]).to(cache.k.device)
-        return cache.gather(slots.view(1, -1, 1).expand(B, -1, Hkv))
+        return cache.gather(slots)
 
     def extra_repr(self) -> str:
         return (
