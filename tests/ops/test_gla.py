@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from helpers import check_chunk_matches_reference
 
 from gatelab.ops import gla
-from gatelab.ops.gla import gla_attention_matrix, gla_chunk, gla_reference
+from gatelab.ops.gla import CHUNK_SIZE, gla_attention_matrix, gla_chunk, gla_reference
 from gatelab.testing import assert_close
 
 # (B, T, H, K, V, chunk_size): T=1, T just under/over a chunk, D=60, B=3, a chunk that is no power of two
@@ -38,7 +38,8 @@ def test_chunk_matches_recurrent_and_auto():
     o_a, s_a = gla(q, k, v, g, initial_state=h0, output_final_state=True)  # "auto" on CPU: the chunked form
     assert_close("o recurrent", o_r, o_c)
     assert_close("state recurrent", s_r, s_c)
-    assert torch.equal(o_a, gla_chunk(q, k, v, g, initial_state=h0, chunk_size=64)[0])
+    # "auto" on CPU: the chunked form with its own chunk size
+    assert torch.equal(o_a, gla_chunk(q, k, v, g, initial_state=h0, chunk_size=CHUNK_SIZE["chunk"])[0])
     assert gla(q, k, v, g)[1] is None
 
 
@@ -146,3 +147,15 @@ def test_chunk_groups_match(monkeypatch):
     o_ref, s_ref = gla_reference(q, k, v, g, initial_state=h0, output_final_state=True)
     assert_close("o", o, o_ref)
     assert_close("state", s, s_ref)
+
+
+def test_intra_chunk_backward_passes_gradcheck():
+    """The hand-written backward of the sub-chunked scores against finite differences in fp64, with a
+    sub-chunk size that splits the chunk into several blocks (between and inside sub-chunks)."""
+    from gatelab.ops.gla.chunk import intra_chunk_scores
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 12, 5, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(2))
+    g = F.logsigmoid(torch.randn(2, 3, 12, 5, dtype=torch.float64, generator=gen))
+    b = g.cumsum(-2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, b: intra_chunk_scores(q, k, b, 4), (q, k, b))

@@ -28,14 +28,15 @@ class GlaConfig(MixerConfig):
     gate_low_rank: int = 16  # rank of the forget-gate projection W1 W2
     gate_normalizer: float = 16.0  # log alpha = logsigmoid(.) / gate_normalizer
     norm_eps: float = 1e-5
-    chunk_size: int = 64
+    chunk_size: int | None = None  # None: the op's per-backend default (gatelab.ops.gla.CHUNK_SIZE)
 
     def __post_init__(self):
         super().__post_init__()
         if not self.causal:
             raise ValueError("gla is a causal (decoder) mixer; causal=False is not supported")
         check_positive("gate_low_rank", self.gate_low_rank)
-        check_positive("chunk_size", self.chunk_size)
+        if self.chunk_size is not None:
+            check_positive("chunk_size", self.chunk_size)
         check_choice("backend", self.backend, ("auto", *BACKENDS))
         for name in ("expand_k", "expand_v", "gate_normalizer", "norm_eps"):
             value = getattr(self, name)

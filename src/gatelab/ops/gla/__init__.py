@@ -17,6 +17,11 @@ BACKENDS = ("reference", "chunk", "recurrent", "triton")
 AUTO_ORDER = ("triton", "chunk")  # "auto" takes the Triton kernels on CUDA, the chunked form elsewhere
 
 
+# Default tokens per chunk of each backend. "chunk" (PyTorch) at T=2048, B=1, H=4, K=V=64, fp32 forward+
+# backward, 1 CPU thread, side by side: chunk 32 took 0.081 s against 0.124 s for chunk 64.
+CHUNK_SIZE = {"chunk": 32, "triton": 64}
+
+
 def gla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -27,7 +32,7 @@ def gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t.
@@ -40,7 +45,8 @@ def gla(
         initial_state: (B, H, K, V) state to start from (fp32), or (N, H, K, V) with cu_seqlens.
         output_final_state: also return the final state (B, H, K, V) fp32 (or (N, H, K, V)).
         cu_seqlens: (N+1,) int offsets of packed sequences in a (1, T, ...) batch; each starts afresh.
-        chunk_size: tokens per chunk of the chunked form.
+        chunk_size: tokens per chunk of the chunked form; None: the backend's own (CHUNK_SIZE: 32 for
+            "chunk", measured fastest on CPU with its sub-chunk backward; 64 for "triton").
         backend: "reference" (fp32 loop), "chunk", "recurrent", "triton" (CUDA), or "auto".
     Returns:
         o: (B, T, H, V) in q's dtype, and the final state or None.
@@ -54,7 +60,7 @@ def gla(
     if g.device != q.device:  # g may be fp32 while q is bf16: gates are often computed in fp32
         raise ValueError(f"g is on {g.device} but q is on {q.device}; move them to one device")
     check_log_gate("g", g.detach())
-    check_linear_options("gla", q, v, initial_state, cu_seqlens, chunk_size)
+    check_linear_options("gla", q, v, initial_state, cu_seqlens, 64 if chunk_size is None else chunk_size)
     available = {
         "reference": True,
         "chunk": True,
@@ -62,6 +68,8 @@ def gla(
         "triton": lambda: triton_ready(__name__, q),
     }
     name = resolve_backend("gla", backend, available, AUTO_ORDER)
+    if chunk_size is None:
+        chunk_size = CHUNK_SIZE.get(name, 64)
     if name == "triton":
         from .triton import gla_triton as fn
     else:
@@ -87,5 +95,6 @@ __all__ = [
     "gla_step",
     "gla_attention_matrix",
     "BACKENDS",
+    "CHUNK_SIZE",
     "check_linear_options",
 ]
