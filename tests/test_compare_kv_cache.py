@@ -45,6 +45,7 @@ def test_softmax_decodes_under_every_policy_and_gla_has_no_cache(kv_run):
         "policies": ["full", "streaming", "h2o", "attention_gate"],
         "budgets": [0.5],
         "gate_steps": 2,
+        "context": 1,
     }
     softmax = next(r for r in results["runs"] if r["mixer"] == "softmax")
     rows = {(row["policy"], row["budget"]): row for row in softmax["kv_cache"]}
@@ -183,3 +184,20 @@ def test_gate_reference_is_the_control_fine_tune():
     gate = next(row for row in fields["kv_cache"] if row["policy"] == "attention_gate")
     control, _ = finetune_lm(model, task, steps=3, batch_size=4, seed=0)
     assert gate["reference_loss"] == pytest.approx(decode_eval(control, batches, "full")["loss"], rel=1e-6)
+
+
+def test_kv_context_decodes_longer_sequences_and_refuses_tasks_that_cannot_grow(tmp_path):
+    task = make_task("text", seq_len=16, max_bytes=50_000)
+    model = LM(LMConfig(vocab_size=task.vocab_size, d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=16))
+    options = KVCacheOptions(("full", "h2o"), (0.5,), 1, context=3)
+    fields = evaluate_run(model, task, task.eval_batches(1, 2), options, batch_size=2, seed=0)
+    assert fields["kv_cache_batch"] == {"batch_size": 2, "seq_len": 48}
+    h2o = next(row for row in fields["kv_cache"] if row["policy"] == "h2o")
+    assert h2o["kept_fraction"] == 0.5  # half of the 48 decoded tokens
+    with pytest.raises(ValueError, match="--kv-context"):
+        parse_options("h2o", None, None, 0)
+    # MQAR at V=32 cannot hold twice its length: refused before any training, with the option named
+    out = tmp_path / "runs"
+    argv = ["--mixers", "softmax", "--tasks", "mqar", "--kv-cache", "h2o", "--kv-context", "2"]
+    assert _compare(out, *argv) == 2
+    assert not (out / "quick").exists() or not list((out / "quick").glob("models/*"))

@@ -13,26 +13,34 @@ from gatelab.report import finite, format_cell, markdown_table, mean_std
 
 DEFAULT_BUDGETS = (0.5, 0.25)
 DEFAULT_GATE_STEPS = 100
+DEFAULT_CONTEXT = (
+    1  # decode at the training length; --kv-context 2 decodes twice as long (gatelab cache's way)
+)
 # (row key, header, format) of the KV-cache tables; "loss_vs_full" is the paired difference per seed
 KV_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("loss", "loss", ".3f"),
     ("loss_vs_full", "loss - full", "+.3f"),
     ("accuracy", "accuracy", ".3f"),
     ("kept_fraction", "kept", ".3f"),
+    ("kept_bytes_fraction", "kept+gate", ".3f"),
     ("held_fraction", "held", ".3f"),
     ("peak_cache_kib", "peak cache KiB", ".1f"),
     ("tokens_per_s", "decode tok/s", ".0f"),
 )
 KV_NOTES = (
-    "Each trained model decodes the first diagnostic batch token by token (teacher forcing), so every "
-    "prediction sees only what the policy kept. budget: fraction of the evaluated sequence length "
+    "Each trained model decodes validation sequences of its task token by token (teacher forcing), so "
+    "every prediction sees only what the policy kept: the first diagnostic batch, or with --kv-context N "
+    "as many validation rows N times the training length (eviction matters most on contexts longer than "
+    "trained on). budget: fraction of the evaluated sequence length "
     "(streaming and h2o keep at most that many tokens; attention_gate is fine-tuned for the given steps "
     "towards that keep rate, on a copy of the model whose own weights fine-tune too, and then keeps what "
     "its gates choose); full: the plain cache, the reference. "
     "loss - full: paired difference to the full cache of the same run (for attention_gate: of the "
     "control, the run's model fine-tuned the same steps, batches and learning rate without gates, since "
     "the extra training alone can lower the loss); kept: tokens held / tokens seen at "
-    "the end, mean over layers; held: bytes allocated (an attention gate's own state included) / bytes of "
+    "the end, mean over layers; kept+gate: bytes of the kept keys and values plus an attention gate's own "
+    "state / bytes of the full cache (what a cache without padding holds); held: bytes allocated (an "
+    "attention gate's own state included; the cache is rectangular, padded to its longest row) / bytes of "
     "the full cache; peak cache KiB: most bytes held over all layers at any step. Mixers with a fixed-size "
     "recurrent state (or their own cache) take no policy: 'no KV cache'."
 )
@@ -43,21 +51,30 @@ class KVCacheOptions:
     policies: tuple[str, ...]  # "full" first, then the requested policies in the order given
     budgets: tuple[float, ...]  # fractions in (0, 1] of the evaluated sequence length
     gate_steps: int  # fine-tuning steps of the attention gates, per budget
+    context: int = DEFAULT_CONTEXT  # decoded sequences are this many times the training length
 
     def to_dict(self) -> dict:
-        return {"policies": list(self.policies), "budgets": list(self.budgets), "gate_steps": self.gate_steps}
+        return {"policies": list(self.policies), "budgets": list(self.budgets), "gate_steps": self.gate_steps,
+                "context": self.context}  # fmt: skip
 
 
-def parse_options(policies: str | None, budgets: str | None, gate_steps: int | None) -> KVCacheOptions | None:
-    """The options of ``--kv-cache``, ``--kv-budgets`` and ``--kv-gate-steps`` (None: not asked for).
+def parse_options(
+    policies: str | None, budgets: str | None, gate_steps: int | None, context: int | None = None
+) -> KVCacheOptions | None:
+    """The options of ``--kv-cache``, ``--kv-budgets``, ``--kv-gate-steps`` and ``--kv-context`` (None: not
+    asked for).
 
-    A ValueError names the option for an unknown policy, a budget outside (0, 1], gate steps < 1, or an
-    option that would be ignored (budgets without a policy that takes one, gate steps without
+    A ValueError names the option for an unknown policy, a budget outside (0, 1], gate steps or context
+    < 1, or an option that would be ignored (budgets without a policy that takes one, gate steps without
     attention_gate)."""
     from gatelab.cache import POLICIES
 
     if policies is None:
-        for name, value in (("--kv-budgets", budgets), ("--kv-gate-steps", gate_steps)):
+        for name, value in (
+            ("--kv-budgets", budgets),
+            ("--kv-gate-steps", gate_steps),
+            ("--kv-context", context),
+        ):
             if value is not None:
                 raise ValueError(f"{name} applies only with --kv-cache; add e.g. --kv-cache streaming,h2o")
         return None
@@ -93,8 +110,13 @@ def parse_options(policies: str | None, budgets: str | None, gate_steps: int | N
             raise ValueError(f"--kv-gate-steps must be a positive int, got {gate_steps!r}")
         if "attention_gate" not in names:
             raise ValueError("--kv-gate-steps applies to the attention_gate policy; add it to --kv-cache")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ValueError(f"--kv-context must be a positive int (times the training length), got {context!r}")
     return KVCacheOptions(
-        tuple(names), tuple(fractions), DEFAULT_GATE_STEPS if gate_steps is None else gate_steps
+        tuple(names),
+        tuple(fractions),
+        DEFAULT_GATE_STEPS if gate_steps is None else gate_steps,
+        DEFAULT_CONTEXT if context is None else context,
     )
 
 
@@ -107,6 +129,19 @@ class _OnDevice:
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator):
         inputs, targets = self.task.get_batch(split, batch_size, generator)
         return inputs.to(self.device), targets.to(self.device)
+
+
+def longer_task(task, context: int):
+    """``task`` rebuilt at ``context`` times its length; a ValueError naming --kv-context when it cannot be
+    (e.g. MQAR needs a vocabulary larger than its length)."""
+    from gatelab.tasks import make_task
+
+    try:
+        return make_task(task.name, **{**task.options, "seq_len": task.seq_len * context})
+    except ValueError as error:
+        raise ValueError(
+            f"--kv-context {context}: {task.name} cannot run at {context}x its length: {error}"
+        ) from None
 
 
 def no_cache_reason(model) -> str | None:
@@ -123,8 +158,9 @@ def no_cache_reason(model) -> str | None:
 
 def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_size: int, seed: int) -> dict:
     """The ``kv_cache*`` fields of one run's results entry: decode the first of ``batches`` (inputs (B, T),
-    targets (B, T)) under "full" and every (budget, policy); "kv_cache_note" instead for a model that
-    takes no policy. A failing policy gives a row with "error" and leaves the others."""
+    targets (B, T)), or with ``options.context`` > 1 as many validation rows of ``task`` at context x T,
+    under "full" and every (budget, policy); "kv_cache_note" instead for a model that takes no policy. A
+    failing policy gives a row with "error" and leaves the others."""
     from gatelab.cache.evaluate import decode_eval, finetune_gates, finetune_lm
 
     reason = no_cache_reason(model)
@@ -133,6 +169,8 @@ def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_s
     start = time.perf_counter()
     device = next(model.parameters()).device
     inputs, targets = batches[0]
+    if options.context > 1:  # the same task at a longer length: its validation stream, as many rows
+        inputs, targets = longer_task(task, options.context).eval_batches(1, inputs.shape[0], seed=seed)[0]
     batch = [(inputs.to(device), targets.to(device))]
     B, T = inputs.shape
     rows = []
@@ -146,7 +184,8 @@ def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_s
         except Exception as error:  # one failing policy must not hide the others' rows
             rows.append({**row, "error": f"{type(error).__name__}: {error}"})
             return
-        keys = ("loss", "accuracy", "kept_fraction", "held_fraction", "peak_cache_bytes", "tokens_per_s")
+        keys = ("loss", "accuracy", "kept_fraction", "kept_bytes_fraction", "held_fraction", "peak_cache_bytes",
+                "tokens_per_s")  # fmt: skip
         rows.append({**row, **{k: metrics[k] for k in keys}, **extra})
 
     control = {}

@@ -252,6 +252,10 @@ def run_compare(
             options["corpus"] = str(corpus)
         built[name] = make_task(name, **options)
         check_memory(preset.for_task(name), built[name], device)
+        if kv_cache is not None and kv_cache.context > 1:
+            from gatelab.compare_kv import longer_task
+
+            longer_task(built[name], kv_cache.context)  # refuse before training, not after
     results = {
         "name": run_dir.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -394,6 +398,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-gate-steps", type=int, default=None,
         help="fine-tuning steps of the attention gates per budget (default: 100)",
     )  # fmt: skip
+    parser.add_argument(
+        "--kv-context", type=int, default=None,
+        help="decode sequences this many times the training length (default: 1, the training length)",
+    )  # fmt: skip
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -426,7 +434,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         skipped.update(task_skipped)
         if not mixers[task]:
             raise ValueError(f"no mixer to compare on {task}: none of the requested mechanisms is registered")
-    kv_cache = parse_options(args.kv_cache, args.kv_budgets, args.kv_gate_steps)
+    kv_cache = parse_options(args.kv_cache, args.kv_budgets, args.kv_gate_steps, args.kv_context)
     device = resolve_device(args.device)
     run_dir = Path(args.out) / (args.name or preset.name)
     seeds = list(range(args.seed, args.seed + preset.seeds))
