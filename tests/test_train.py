@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from gatelab.cli import main
 from gatelab.models.lm import LM, LMConfig
 from gatelab.tasks import make_task
+from gatelab.testing import assert_close
 from gatelab.train import TrainConfig, lr_at, param_groups, train
 
 TASK = {"vocab_size": 40, "seq_len": 16, "num_kv_pairs": 2}
@@ -149,8 +150,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
         load_file(tmp_path / "single" / "model.safetensors"),
         load_file(tmp_path / "ddp" / "model.safetensors"),
     )
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    for name in a:  # the two reduction orders differ in rounding only: the fp32 row of the tolerance table
+        assert_close(name, b[name], a[name], torch.float32)
     assert not torch.equal(
         a["embed.weight"],
         LM(LMConfig(**json.loads((tmp_path / "ddp" / "config.json").read_text()))).embed.weight,

@@ -197,7 +197,7 @@ def load_checkpoint(out_dir: Path, model, optimizer, generator: torch.Generator)
     if not (folder / "trainer.pt").is_file():
         raise FileNotFoundError(f"resume=True but no checkpoint in {out_dir}; train once with out_dir first")
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
+    model.load_tensors(load_file(str(folder / "model.safetensors"), device=str(device)))
     state = torch.load(folder / "trainer.pt", map_location=device, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"], generator)

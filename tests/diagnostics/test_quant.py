@@ -83,3 +83,19 @@ def test_w8a8_gap_is_zero_for_a_model_already_on_the_grid(batches):
     result = w8a8_loss(model, batches)
     assert result["w8a8_gap"] == pytest.approx(0.0, abs=1e-5)
     assert result["loss_fp32"] == pytest.approx(lm_loss(model, batches))
+
+
+def test_w8a8_quantises_the_lm_tied_output_head():
+    """The lab's LM ties its output head to the embedding through one Parameter: W8A8 rounds that matrix
+    once and the head's input like every Linear's."""
+    from gatelab.models.lm import LM, LMConfig
+
+    model = LM(LMConfig(d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=8))
+    assert model.head.weight is model.embed.weight
+    idx = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        h = model.norm(model.blocks[0](model.embed(idx), None, False)[0])
+        with w8a8(model):
+            assert model.head.weight.unique().numel() <= 255
+            expected = F.linear(fake_quantize_int8(h), model.embed.weight)
+            torch.testing.assert_close(model.head(h), expected)

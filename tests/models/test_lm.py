@@ -134,6 +134,20 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(model(idx)[0], loaded(idx)[0])
     with pytest.raises(FileNotFoundError, match="LM.save"):
         LM.load(tmp_path / "missing")
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    assert "head.weight" not in tensors  # tied: stored once, as the embedding
+    assert loaded.head.weight is loaded.embed.weight
+    untied = small(tie_embeddings=False)
+    untied.save(tmp_path / "u")
+    reloaded = LM.load(tmp_path / "u")
+    assert "head.weight" in load_file(tmp_path / "u" / "model.safetensors")
+    assert torch.equal(reloaded.head.weight, untied.head.weight)
+    assert reloaded.head.weight is not reloaded.embed.weight
+    del tensors["embed.weight"]
+    with pytest.raises(RuntimeError, match="missing"):
+        model.load_tensors(tensors)
 
 
 def test_seeded_init_is_reproducible_and_gpt2_scaled():

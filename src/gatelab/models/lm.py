@@ -105,6 +105,9 @@ class LMConfig:
         return dataclasses.asdict(self)
 
 
+TIED_KEY = "head.weight"  # with tied embeddings the same Parameter as "embed.weight", saved once
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -155,9 +158,9 @@ class LM(nn.Module):
             self.embed = nn.Embedding(config.vocab_size, config.d_model)
             self.blocks = nn.ModuleList(Block(key, config, i) for i, key in enumerate(self.layer_keys))
             self.norm = nn.RMSNorm(config.d_model, eps=1e-6)
-            self.head = (
-                None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-            )
+            self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            if config.tie_embeddings:  # one Parameter: the head is a Linear like any other (W8A8 sees it)
+                self.head.weight = self.embed.weight
             self.reset_parameters()
             if config.attention_gate is not None:
                 self._add_attention_gates(config.attention_gate)
@@ -186,7 +189,7 @@ class LM(nn.Module):
         Mixers with a ``reset_parameters(std, n_layers)`` use it; others keep their own init."""
         L = self.config.n_layers
         nn.init.normal_(self.embed.weight, std=INIT_STD)
-        if self.head is not None:
+        if not self.config.tie_embeddings:
             nn.init.normal_(self.head.weight, std=INIT_STD)
         for block in self.blocks:
             nn.init.normal_(block.mlp.gate_up.weight, std=INIT_STD)
@@ -226,8 +229,7 @@ class LM(nn.Module):
                 hidden.append(x)
                 block_out.append(out)
                 mixers.append(internals)
-        weight = self.embed.weight if self.head is None else self.head.weight
-        logits = F.linear(self.norm(x), weight)  # (B, T, vocab)
+        logits = self.head(self.norm(x))  # (B, T, vocab)
         if return_internals:
             return logits, new_states, {"hidden": hidden, "block_out": block_out, "mixers": mixers}
         return logits, new_states
@@ -280,6 +282,8 @@ class LM(nn.Module):
         path = Path(path_dir)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            del tensors[TIED_KEY]  # safetensors stores no shared tensor: the embedding holds it
         tmp = path / "model.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         tmp.replace(path / "model.safetensors")
@@ -296,5 +300,16 @@ class LM(nn.Module):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} not found: LM.load needs a folder written by LM.save")
         model = cls(LMConfig(**json.loads((path / "config.json").read_text())))
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+        model.load_tensors(load_file(str(path / "model.safetensors"), device=str(device)))
         return model.to(device)
+
+    def load_tensors(self, tensors: dict) -> None:
+        """load_state_dict for what :meth:`save` writes: with tied embeddings the head's weight is the
+        embedding's and is not stored; any other missing or unexpected key is an error."""
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        allowed = {TIED_KEY} if self.config.tie_embeddings else set()
+        if set(missing) - allowed or unexpected:
+            raise RuntimeError(
+                f"the saved tensors do not fit this LM: missing {sorted(set(missing) - allowed)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
