@@ -143,8 +143,8 @@ class AttentionGatePolicy(CachePolicy):
         return bias, gate_state
 
     def eviction_loss(self) -> torch.Tensor:
-        """eviction_weight * mean over KV heads of (kept fraction - target_keep) ** 2 for the last forward
-        (straight-through flags)."""
+        """eviction_weight * mean over sequences and KV heads of (kept fraction - target_keep) ** 2 for the
+        last forward (straight-through flags)."""
         if self.last_keep is None:
             raise RuntimeError("eviction_loss() needs a forward pass first")
         return self.eviction_weight * ((self.last_keep - self.target_keep) ** 2).mean()
