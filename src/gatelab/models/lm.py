@@ -158,9 +158,12 @@ class LM(nn.Module):
             self.embed = nn.Embedding(config.vocab_size, config.d_model)
             self.blocks = nn.ModuleList(Block(key, config, i) for i, key in enumerate(self.layer_keys))
             self.norm = nn.RMSNorm(config.d_model, eps=1e-6)
-            self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
             if config.tie_embeddings:  # one Parameter: the head is a Linear like any other (W8A8 sees it)
+                # skip_init draws no random numbers: seeded inits stay what they were with a plain F.linear
+                self.head = torch.nn.utils.skip_init(nn.Linear, config.d_model, config.vocab_size, bias=False)
                 self.head.weight = self.embed.weight
+            else:
+                self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
             self.reset_parameters()
             if config.attention_gate is not None:
                 self._add_attention_gates(config.attention_gate)
