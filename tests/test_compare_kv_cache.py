@@ -188,7 +188,9 @@ def test_gate_reference_is_the_control_fine_tune():
 
 def test_kv_context_decodes_longer_sequences_and_refuses_tasks_that_cannot_grow(tmp_path):
     task = make_task("text", seq_len=16, max_bytes=50_000)
-    model = LM(LMConfig(vocab_size=task.vocab_size, d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=16))
+    model = LM(
+        LMConfig(vocab_size=task.vocab_size, d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=16)
+    )
     options = KVCacheOptions(("full", "h2o"), (0.5,), 1, context=3)
     fields = evaluate_run(model, task, task.eval_batches(1, 2), options, batch_size=2, seed=0)
     assert fields["kv_cache_batch"] == {"batch_size": 2, "seq_len": 48}
