@@ -56,6 +56,14 @@ def check_cacheable(mixer: nn.Module) -> None:
         raise ValueError(f"a cache policy needs a causal mixer; {type(mixer).__name__} has causal=False")
 
 
+def _cacheable(mixer: nn.Module) -> bool:
+    try:
+        check_cacheable(mixer)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def attention_mixers(model: nn.Module) -> list[nn.Module]:
     """The mixers of an LM (``model.blocks[i].mixer``), or [model] for a single mixer."""
     if hasattr(model, "blocks"):
@@ -63,10 +71,15 @@ def attention_mixers(model: nn.Module) -> list[nn.Module]:
     return [model]
 
 
-def apply_policy(model: nn.Module, name: str, **options) -> list[CachePolicy]:
-    """Give every mixer of ``model`` (an LM or one mixer) its own policy; all must take one. Returns them
-    in layer order. The attention gates become submodules, so they train and save with the model."""
+def apply_policy(
+    model: nn.Module, name: str, *, skip_uncacheable: bool = False, **options
+) -> list[CachePolicy]:
+    """Give every mixer of ``model`` (an LM or one mixer) its own policy; all must take one, unless
+    ``skip_uncacheable`` (hybrids: recurrent layers keep their state and get none). Returns the policies in
+    layer order. The attention gates become submodules, so they train and save with the model."""
     mixers = attention_mixers(model)
+    if skip_uncacheable:
+        mixers = [mixer for mixer in mixers if _cacheable(mixer)]
     for mixer in mixers:
         check_cacheable(mixer)
     policies = [make_policy(name, mixer, **options) for mixer in mixers]

@@ -10,7 +10,8 @@ too (measured here: a large gap between training and hard inference, see the rep
 fraction of each sequence and KV head is measured with straight-through hard flags for the eviction-rate
 loss ``eviction_weight * mean_{b,h} (kept_bh - target_keep) ** 2``: per sequence and head, so that none
 keeps everything while another keeps little (the cache is rectangular, padded to its longest row: on
-MQAR at half the cache, a per-head target held 1.12 of the full cache's bytes, this one 0.67).
+MQAR at half the cache, one ``gatelab cache`` run each: a per-head target held 1.12 of the full cache's
+bytes, this one 0.67).
 Inference (eval mode): hard flags; an evicted token's key gets a MASKED score (exp underflows to 0,
 so it is hidden even from its own query) and is dropped from the cache after the chunk.
 
@@ -24,9 +25,9 @@ depends on later tokens and the parallel, chunked and token-by-token forms agree
 kept (an attention sink, and every query then has at least one visible key); and by default
 (``rope_by_cache_position=True``) keys are cached before RoPE and rotated by their slot among the kept
 tokens of their head, as StreamingLLM does, in training too (the slots are running counts of the hard
-flags), so that a cache that keeps a fraction f of T tokens spans f * T positions. Measured with
-``gatelab cache`` on text at 4x the training length, 50% kept: loss 1.96-2.03 over three fine-tuning seeds
-with cache positions, 2.21-2.31 with text positions.
+flags), so that a cache that keeps a fraction f of T tokens spans f * T positions. On text at 4x the
+training length, 50% kept (one-off script, dev CPU, 2026-11-30, hard flags in one parallel pass): loss
+1.96-2.03 over fine-tuning seeds 0-2 with cache positions, 2.21-2.31 in two runs with text positions.
 
 ``recent`` (0 = off, the paper's semantics) is an extension: the sequence is cut into blocks of
 ``recent`` tokens and an evicted token stays visible to the queries of its own block and the next one

@@ -42,7 +42,8 @@ def decode_eval(model, batches: list, policy: str = "full", **options) -> dict:
             for t in range(T):
                 out, states = model(inputs[:, t : t + 1], states)
                 logits.append(out[:, -1].float())
-                peak = max(peak, sum(layer["held"] + layer["gate"] for layer in cache_bytes(states)))
+                # bytes allocated only: cache_bytes would also count kept tokens, a reduction per layer and step
+                peak = max(peak, sum(s.nbytes + getattr(s, "gate_nbytes", 0) for s in states))
             seconds += time.perf_counter() - start
             tokens += B * T
             logits = torch.stack(logits, dim=1)  # (B, T, vocab)

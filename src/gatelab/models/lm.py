@@ -171,17 +171,9 @@ class LM(nn.Module):
     def _add_attention_gates(self, options: dict) -> None:
         """An attention gate on every layer that keeps a KV cache (softmax family); other layers (recurrent,
         or managing their own cache) get none. A model without such a layer is an error."""
-        from gatelab.cache import check_cacheable, make_policy
+        from gatelab.cache import apply_policy
 
-        gated = 0
-        for block in self.blocks:
-            try:
-                check_cacheable(block.mixer)
-            except (TypeError, ValueError):
-                continue
-            block.mixer.cache_policy = make_policy("attention_gate", block.mixer, **options)
-            gated += 1
-        if not gated:
+        if not apply_policy(self, "attention_gate", skip_uncacheable=True, **options):
             raise ValueError(
                 f"attention_gate needs a softmax-family layer with a KV cache; pattern {self.config.pattern!r} "
                 "has none"

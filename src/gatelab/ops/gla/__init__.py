@@ -60,7 +60,6 @@ def gla(
     if g.device != q.device:  # g may be fp32 while q is bf16: gates are often computed in fp32
         raise ValueError(f"g is on {g.device} but q is on {q.device}; move them to one device")
     check_log_gate("g", g.detach())
-    check_linear_options("gla", q, v, initial_state, cu_seqlens, 64 if chunk_size is None else chunk_size)
     available = {
         "reference": True,
         "chunk": True,
@@ -69,7 +68,8 @@ def gla(
     }
     name = resolve_backend("gla", backend, available, AUTO_ORDER)
     if chunk_size is None:
-        chunk_size = CHUNK_SIZE.get(name, 64)
+        chunk_size = CHUNK_SIZE.get(name, 64)  # reference and recurrent do not chunk
+    check_linear_options("gla", q, v, initial_state, cu_seqlens, chunk_size)
     if name == "triton":
         from .triton import gla_triton as fn
     else:
