@@ -14,7 +14,7 @@ import torch
 
 from gatelab.benchmarking import print_table, time_side_by_side, write_results
 from gatelab.cache import apply_policy, cache_bytes, remove_policy
-from gatelab.models.lm import LM, LMConfig
+from gatelab.lab.models.lm import LM, LMConfig
 
 
 def decode(model, idx) -> list:

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("gatelab.train")
-pytest.importorskip("gatelab.models.lm")
+pytest.importorskip("gatelab.lab.train")
+pytest.importorskip("gatelab.lab.models.lm")
 
 from gatelab.cli import main  # noqa: E402
 from gatelab.commands.compare import check_memory, select_mixers  # noqa: E402
-from gatelab.presets import PRESETS  # noqa: E402
+from gatelab.lab.presets import PRESETS  # noqa: E402
 from gatelab.registry import list_mechanisms  # noqa: E402
 
 PNGS = ("loss_curves", "mqar_accuracy", "sink_share", "max_activation", "speed")
@@ -151,7 +151,7 @@ def test_preset_mixers_missing_from_the_registry_are_reported_not_run():
 
 
 def test_memory_check_refuses_sizes_that_do_not_fit():
-    from gatelab.tasks import make_task
+    from gatelab.lab.tasks import make_task
 
     task = make_task("mqar", vocab_size=64, seq_len=32, num_kv_pairs=4)
     check_memory(PRESETS["quick"], task, "cpu", available=2**30)
@@ -161,7 +161,7 @@ def test_memory_check_refuses_sizes_that_do_not_fit():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_fit_their_tasks(name):
-    from gatelab.tasks import make_task
+    from gatelab.lab.tasks import make_task
 
     preset = PRESETS[name]
     for task_name in preset.tasks:

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from gatelab.cli import main
-from gatelab.compare_kv import KVCacheOptions, evaluate_run, parse_options
-from gatelab.models.lm import LM, LMConfig
-from gatelab.presets import PRESETS
-from gatelab.report import merge_results
-from gatelab.tasks import IGNORE, make_task
+from gatelab.lab.kv.rows import KVCacheOptions, evaluate_run, parse_options
+from gatelab.lab.models.lm import LM, LMConfig
+from gatelab.lab.presets import PRESETS
+from gatelab.lab.report import merge_results
+from gatelab.lab.tasks import IGNORE, make_task
 
 KV_ARGS = ["--kv-cache", "streaming,h2o,attention_gate", "--kv-budgets", "0.5", "--kv-gate-steps", "2"]
 
@@ -127,7 +127,7 @@ def test_a_failing_policy_leaves_the_other_rows(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("gate exploded")
 
-    monkeypatch.setattr("gatelab.cache.evaluate.finetune_gates", broken)
+    monkeypatch.setattr("gatelab.lab.kv.evaluate.finetune_gates", broken)
     task = make_task("mqar", vocab_size=32, seq_len=16, num_kv_pairs=4)
     config = LMConfig(
         vocab_size=32, d_model=16, n_layers=1, n_heads=2, pattern="softmax", max_seq_len=16, seed=0
@@ -172,7 +172,7 @@ def test_parse_options_defaults():
 
 def test_gate_reference_is_the_control_fine_tune():
     """The gate row's reference is the run's model fine-tuned without gates as the gated copy was."""
-    from gatelab.cache.evaluate import decode_eval, finetune_lm
+    from gatelab.lab.kv.evaluate import decode_eval, finetune_lm
 
     task = make_task("text", seq_len=16, max_bytes=50_000)
     model = LM(

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from gatelab.report import aggregate, format_cell, mean_std, table_rows, to_json_safe, write_report
+from gatelab.lab.report import aggregate, format_cell, mean_std, table_rows, to_json_safe, write_report
 
 
 def fake_run(mixer, task, seed, loss, sink, status="ok"):
@@ -130,7 +130,7 @@ def test_to_json_safe():
 
 
 def test_merge_results_of_per_seed_processes_equals_one_report(results, tmp_path):
-    from gatelab.report import merge_results
+    from gatelab.lab.report import merge_results
 
     by_seed = {}
     for seed in (0, 1):

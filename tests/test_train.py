@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from gatelab.cli import main
-from gatelab.models.lm import LM, LMConfig
-from gatelab.tasks import make_task
+from gatelab.lab.models.lm import LM, LMConfig
+from gatelab.lab.tasks import make_task
+from gatelab.lab.train import TrainConfig, lr_at, param_groups, train
 from gatelab.testing import assert_close
-from gatelab.train import TrainConfig, lr_at, param_groups, train
 
 TASK = {"vocab_size": 40, "seq_len": 16, "num_kv_pairs": 2}
 

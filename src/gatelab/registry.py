@@ -1,8 +1,8 @@
 """The registry: one key per mechanism, mapped to its config, module, op, backends and paper.
 
-Mechanisms register themselves from their mixer file (``mixers/<key>.py`` or ``gates/<name>.py``)
-with :func:`register`. The registry imports every module of those two packages the first time it is
-asked, so adding a mechanism never means editing a shared list.
+Mechanisms register themselves from their mixer file (``mixers/<key>.py``) with :func:`register`. The
+registry imports every module of the packages in ``_PACKAGES`` the first time it is asked, so adding a
+mechanism never means editing a shared list.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class MechanismSpec:
 
 _REGISTRY: dict[str, MechanismSpec] = {}
 _LOADED = False
-_PACKAGES = ("gatelab.mixers", "gatelab.gates")
+_PACKAGES = ("gatelab.mixers",)
 
 
 def register(spec: MechanismSpec) -> MechanismSpec:

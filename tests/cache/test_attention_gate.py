@@ -8,8 +8,8 @@ import torch
 
 import gatelab
 from gatelab.cache import MASKED, apply_policy, eviction_loss, kept_fraction, make_policy
-from gatelab.cache.evaluate import decode_eval, finetune_gates
-from gatelab.models.lm import LM, LMConfig
+from gatelab.lab.kv.evaluate import decode_eval, finetune_gates
+from gatelab.lab.models.lm import LM, LMConfig
 from gatelab.testing import assert_close
 
 
@@ -107,7 +107,7 @@ def test_gate_gradients_and_eviction_loss():
 
 
 def test_finetune_and_decode_eval_on_tiny_sizes():
-    from gatelab.tasks import make_task
+    from gatelab.lab.tasks import make_task
 
     task = make_task("text", seq_len=16, max_bytes=50_000)
     model = LM(LMConfig(d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=32))
@@ -296,7 +296,7 @@ def test_cache_command_seeds_give_mean_and_std(tmp_path):
 
 
 def test_finetune_gates_depends_on_its_seed_only():
-    from gatelab.tasks import make_task
+    from gatelab.lab.tasks import make_task
 
     task = make_task("text", seq_len=16, max_bytes=50_000)
     model = LM(LMConfig(d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=16))
@@ -309,8 +309,8 @@ def test_finetune_gates_depends_on_its_seed_only():
 
 def test_gates_trained_from_scratch_with_the_lm(tmp_path):
     from gatelab.cli import main
-    from gatelab.tasks import make_task
-    from gatelab.train import TrainConfig, train
+    from gatelab.lab.tasks import make_task
+    from gatelab.lab.train import TrainConfig, train
 
     task = make_task("text", seq_len=16, max_bytes=50_000)
     config = LMConfig(d_model=32, n_layers=2, n_heads=2, seed=0, max_seq_len=16, pattern="softmax,gla",

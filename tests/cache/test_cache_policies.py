@@ -6,7 +6,7 @@ import torch
 import gatelab
 from gatelab.cache import MASKED, PolicyCache, apply_policy, cache_bytes, make_policy, remove_policy
 from gatelab.cache.policies import with_key_bias
-from gatelab.models.lm import LM, LMConfig
+from gatelab.lab.models.lm import LM, LMConfig
 from gatelab.ops.softmax import attention_probs, softmax
 from gatelab.testing import assert_close
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gatelab.diagnostics import (
+from gatelab.lab.diagnostics import (
     gate_statistics,
     kurtosis,
     massive_activation_stats,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gatelab.diagnostics import diagnose, uniform_entropy, uniform_first_token_share
+from gatelab.lab.diagnostics import diagnose, uniform_entropy, uniform_first_token_share
 
 
 def test_diagnose_on_layers_with_known_internals(tiny_lm, batches):

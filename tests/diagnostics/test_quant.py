@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gatelab.diagnostics import fake_quantize_int8, lm_loss, w8a8, w8a8_loss
+from gatelab.lab.diagnostics import fake_quantize_int8, lm_loss, w8a8, w8a8_loss
 
 
 def test_fake_quantize_int8_grid_and_error():
@@ -88,7 +88,7 @@ def test_w8a8_gap_is_zero_for_a_model_already_on_the_grid(batches):
 def test_w8a8_quantises_the_lm_tied_output_head():
     """The lab's LM ties its output head to the embedding through one Parameter: W8A8 rounds that matrix
     once and the head's input like every Linear's."""
-    from gatelab.models.lm import LM, LMConfig
+    from gatelab.lab.models.lm import LM, LMConfig
 
     model = LM(LMConfig(d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=8))
     assert model.head.weight is model.embed.weight

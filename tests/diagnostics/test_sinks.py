@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gatelab.diagnostics import (
+from gatelab.lab.diagnostics import (
     attention_entropy,
     first_token_share,
     uniform_entropy,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gatelab.models.lm import LM, LMConfig, parse_pattern
+from gatelab.lab.models.lm import LM, LMConfig, parse_pattern
 
 
 def small(**overrides) -> LM:

@@ -105,7 +105,7 @@ def test_mixer_plugs_into_a_pretrained_softmax_layer():
 
 
 def test_hip_and_psa_in_the_lm_decode_like_the_parallel_pass():
-    from gatelab.models.lm import LM, LMConfig
+    from gatelab.lab.models.lm import LM, LMConfig
 
     options = {"hip": {"topk": 2, "block_size_k": 4, "sinks": 1, "window": 2}, "psa": {"block_size_k": 8}}
     lm = LM(

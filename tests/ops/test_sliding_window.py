@@ -123,7 +123,7 @@ def test_mixer_sinks_matter_and_config_errors():
 
 
 def test_in_the_lab_lm():
-    from gatelab.models.lm import LM, LMConfig
+    from gatelab.lab.models.lm import LM, LMConfig
 
     config = LMConfig(
         d_model=32, n_layers=2, n_heads=2, pattern="sliding_window,softmax",

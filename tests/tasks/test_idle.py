@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gatelab.tasks import IGNORE, make_task
-from gatelab.tasks.idle import BOS
+from gatelab.lab.tasks import IGNORE, make_task
+from gatelab.lab.tasks.idle import BOS
 
 
 def make(**options):

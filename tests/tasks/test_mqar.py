@@ -4,8 +4,8 @@ determinism by seed."""
 import pytest
 import torch
 
-from gatelab.tasks import IGNORE, make_task
-from gatelab.tasks.mqar import power_law
+from gatelab.lab.tasks import IGNORE, make_task
+from gatelab.lab.tasks.mqar import power_law
 
 
 def batch(seed=0, B=64, **options):

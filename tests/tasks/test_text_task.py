@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gatelab.tasks import make_task
-from gatelab.tasks.text import load_corpus
+from gatelab.lab.tasks import make_task
+from gatelab.lab.tasks.text import load_corpus
 
 
 def test_stdlib_corpus_is_deterministic_and_described():

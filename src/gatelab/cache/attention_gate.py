@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gatelab.mixers._attention import KVCache
-from gatelab.ops import softmax
+from gatelab.ops.softmax import softmax
 
 from .policies import MASKED, CachePolicy, PolicyCache
 

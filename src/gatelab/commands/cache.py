@@ -63,10 +63,10 @@ def _floats(text: str) -> list[float]:
 
 def run_task(name: str, args, console) -> dict:
     from gatelab.cache import POLICIES
-    from gatelab.cache.evaluate import decode_eval, finetune_gates, finetune_lm
-    from gatelab.models.lm import LM, LMConfig
-    from gatelab.tasks import make_task
-    from gatelab.train import TrainConfig, train
+    from gatelab.lab.kv.evaluate import decode_eval, finetune_gates, finetune_lm
+    from gatelab.lab.models.lm import LM, LMConfig
+    from gatelab.lab.tasks import make_task
+    from gatelab.lab.train import TrainConfig, train
 
     train_options, eval_options = (dict(o) for o in TASKS[name])
     budget = dict(TRAIN[name])
@@ -160,7 +160,7 @@ def run_task(name: str, args, console) -> dict:
 
 
 def aggregate_rows(per_seed: list[list[dict]]) -> list[dict]:
-    from gatelab.report import mean_std
+    from gatelab.lab.report import mean_std
 
     """One row per (policy, budget), in first-seen order: numbers averaged over the seeds, with the
     standard deviation (n - 1) of loss and accuracy as ``loss_std`` / ``accuracy_std`` (0 for one seed),
@@ -324,7 +324,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     from gatelab.cache import POLICIES
     from gatelab.commands.compare import environment
-    from gatelab.report import to_json_safe
+    from gatelab.lab.report import to_json_safe
 
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for task in args.tasks:

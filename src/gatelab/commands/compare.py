@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from gatelab.cli import command
-from gatelab.compare_kv import failures as kv_failures
-from gatelab.compare_kv import parse_options
-from gatelab.presets import PRESETS, Preset, get_preset
+from gatelab.lab.kv.rows import failures as kv_failures
+from gatelab.lab.kv.rows import parse_options
+from gatelab.lab.presets import PRESETS, Preset, get_preset
 
 PREFERRED = ("softmax", "gated_softmax", "clipped_softmax")  # first in every default comparison
 MEMORY_FRACTION = 0.8  # refuse sizes whose estimate exceeds this share of the available memory
@@ -59,7 +59,7 @@ def select_mixers(requested: list[str] | None, preset: Preset) -> tuple[list[str
 
 
 def select_tasks(requested: list[str] | None, preset: Preset) -> list[str]:
-    from gatelab.tasks import TASK_NAMES
+    from gatelab.lab.tasks import TASK_NAMES
 
     tasks = requested if requested is not None else list(preset.tasks)
     for name in tasks:
@@ -146,9 +146,9 @@ def run_one(
     """Train, evaluate and diagnose one mixer on one task with one seed; returns the results entry.
     With ``kv_cache`` (compare_kv.KVCacheOptions) the trained model also decodes under each cache policy
     (entry["kv_cache"], outside the run's wall_s)."""
-    from gatelab.diagnostics import diagnose
-    from gatelab.models.lm import LM, LMConfig
-    from gatelab.train import TrainConfig, train
+    from gatelab.lab.diagnostics import diagnose
+    from gatelab.lab.models.lm import LM, LMConfig
+    from gatelab.lab.train import TrainConfig, train
 
     entry = {"mixer": mixer, "task": task_name, "seed": seed, "status": "ok"}
     model_dir = run_dir / "models" / f"{mixer}__{task_name}__seed{seed}"
@@ -194,7 +194,7 @@ def run_one(
     )
     entry["wall_s"] = time.perf_counter() - t0
     if kv_cache is not None:
-        from gatelab.compare_kv import evaluate_run
+        from gatelab.lab.kv.rows import evaluate_run
 
         entry.update(evaluate_run(model, task, batches, kv_cache, batch_size=preset.batch_size, seed=seed))
     return entry
@@ -238,8 +238,8 @@ def run_compare(
 
     from rich.console import Console
 
-    from gatelab.report import print_tables, to_json_safe, write_report
-    from gatelab.tasks import make_task
+    from gatelab.lab.report import print_tables, to_json_safe, write_report
+    from gatelab.lab.tasks import make_task
 
     console = console or Console()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,7 @@ def run_compare(
         built[name] = make_task(name, **options)
         check_memory(preset.for_task(name), built[name], device)
         if kv_cache is not None and kv_cache.context > 1:
-            from gatelab.compare_kv import longer_task
+            from gatelab.lab.kv.rows import longer_task
 
             longer_task(built[name], kv_cache.context)  # refuse before training, not after
     results = {
@@ -320,7 +320,7 @@ def run_compare(
                 (run_dir / "results.json").write_text(json.dumps(to_json_safe(results), indent=1))
     results["wall_s"] = time.perf_counter() - start
     paths = write_report(run_dir, results)
-    from gatelab.report import aggregate
+    from gatelab.lab.report import aggregate
 
     results["aggregate"] = aggregate(results["runs"])
     print_tables(results, console)

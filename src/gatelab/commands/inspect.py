@@ -38,7 +38,7 @@ def find_model_dirs(path: str | Path, pattern: str = "*") -> list[Path]:
 def task_of(model_dir: Path, override: str | None, cache: dict | None = None):
     """The task a model was trained on, from the train_summary.json the trainer wrote next to it
     (built once per distinct task and options when ``cache`` is given)."""
-    from gatelab.tasks import make_task
+    from gatelab.lab.tasks import make_task
 
     summary_path = model_dir / "train_summary.json"
     options: dict = {}
@@ -121,9 +121,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the diagnostics of a saved model (a model folder or a compare run folder)."""
     from rich.console import Console
 
-    from gatelab.diagnostics import diagnose
-    from gatelab.models.lm import LM
-    from gatelab.report import to_json_safe
+    from gatelab.lab.diagnostics import diagnose
+    from gatelab.lab.models.lm import LM
+    from gatelab.lab.report import to_json_safe
 
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError(

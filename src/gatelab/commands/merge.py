@@ -17,7 +17,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Merge gatelab compare run folders of one preset into one report (mean and spread over all seeds)."""
     from rich.console import Console
 
-    from gatelab.report import merge_results, print_tables
+    from gatelab.lab.report import merge_results, print_tables
 
     merged = merge_results(args.runs, args.out)
     print_tables(merged)

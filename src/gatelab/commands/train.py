@@ -79,9 +79,9 @@ def _pairs(items: list[str], flag: str) -> list[tuple[str, object]]:
 
 def build(args: argparse.Namespace):
     """The task, the LM and the TrainConfig an argument namespace describes."""
-    from gatelab.models.lm import LM, LMConfig
-    from gatelab.tasks import make_task
-    from gatelab.train import TrainConfig
+    from gatelab.lab.models.lm import LM, LMConfig
+    from gatelab.lab.tasks import make_task
+    from gatelab.lab.train import TrainConfig
 
     task_options = dict(_pairs(args.task_option, "--task-option"))
     if args.seq_len is not None:
@@ -137,7 +137,7 @@ def build(args: argparse.Namespace):
 @command("train", _add_arguments)
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one configuration (pattern, task, sizes) and save the model and metrics."""
-    from gatelab.train import train
+    from gatelab.lab.train import train
 
     task, model, config = build(args)
     main_rank = int(os.environ.get("RANK", 0)) == 0

@@ -77,7 +77,7 @@ class AttentionMixer(Mixer):
 
     def attend(self, q, k, v, x, extra, want_internals: bool) -> tuple[torch.Tensor, dict]:
         """q (B, T, H, D), k/v (B, S, Hkv, D) -> o (B, T, H, D), internals. Default: plain softmax."""
-        from gatelab.ops import softmax
+        from gatelab.ops.softmax import softmax
 
         o = softmax(q, k, v, causal=self.config.causal, backend=self.config.backend)
         return o, (self.probs(q, k) if want_internals else {})

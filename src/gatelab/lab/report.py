@@ -4,9 +4,10 @@ table and the plots embedded; also the rich table printed on the terminal."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
+
+from .tables import finite, format_cell, markdown_table, mean_std, to_json_safe
 
 # (key, header, format): one column of the comparison table, read from run_metrics(run)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -42,28 +43,6 @@ COLUMN_NOTES = (
 )
 
 
-def finite(value) -> float | None:
-    """``value`` as a float, or None when missing or not finite (JSON has no NaN)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def to_json_safe(obj):
-    """Recursively replace NaN / inf floats by None and tuples by lists, so results.json is strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): to_json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_json_safe(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    return obj
-
-
 def run_metrics(run: dict) -> dict[str, float | None]:
     """The table's numbers for one (mixer, task, seed) run."""
     final = run.get("final") or {}
@@ -83,16 +62,6 @@ def run_metrics(run: dict) -> dict[str, float | None]:
     return out
 
 
-def mean_std(values: Sequence[float | None]) -> dict:
-    """{"mean", "std" (sample std, 0 for one value), "n"} over the values that are not None."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(values)}
-
-
 def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
     """task -> mixer -> metric -> {"mean", "std", "n"} over the seeds of the successful runs."""
     grouped: dict[str, dict[str, list[dict]]] = {}
@@ -106,16 +75,6 @@ def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
         }
         for task, by_mixer in grouped.items()
     }
-
-
-def format_cell(stats: dict | None, fmt: str) -> str:
-    """ "1.234", "1.234 ± 0.010" over several seeds, "-" when missing."""
-    if not stats or stats.get("mean") is None:
-        return "-"
-    text = format(stats["mean"], fmt)
-    if stats.get("n", 1) > 1:
-        text += " ± " + format(stats["std"], fmt.lstrip("+"))
-    return text
 
 
 def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
@@ -171,20 +130,14 @@ def print_tables(results: dict, console=None) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    from .compare_kv import print_tables as print_kv_tables
+    from .kv.rows import print_tables as print_kv_tables
 
     print_kv_tables(results, console)
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_report(run_dir: str | Path, results: dict) -> dict[str, Path]:
     """Write results.json, the PNG plots and report.md into ``run_dir``; returns their paths by name."""
-    from .report_plots import make_plots
+    from .plots import make_plots
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +182,7 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
             ]
         lines += [markdown_table(header, rows), ""]
     lines += ["Columns: " + COLUMN_NOTES, ""]
-    from .compare_kv import markdown_section
+    from .kv.rows import markdown_section
 
     lines += markdown_section(results)  # only when the run was asked for --kv-cache
     titles = {

@@ -9,9 +9,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gatelab.tasks import IGNORE
-
-from . import apply_policy, cache_bytes, eviction_loss, kept_fraction, remove_policy
+from gatelab.cache import apply_policy, cache_bytes, eviction_loss, kept_fraction, remove_policy
+from gatelab.lab.tasks import IGNORE
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gatelab.cache import eviction_loss
-from gatelab.tasks import IGNORE, Task
+from gatelab.lab.tasks import IGNORE, Task
 
 CHECKPOINT = "checkpoint"  # folder in out_dir: model.safetensors, config.json, trainer.pt
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gatelab.report import finite, format_cell, markdown_table, mean_std
+from gatelab.lab.tables import finite, format_cell, markdown_table, mean_std
 
 DEFAULT_BUDGETS = (0.5, 0.25)
 DEFAULT_GATE_STEPS = 100
@@ -134,7 +134,7 @@ class _OnDevice:
 def longer_task(task, context: int):
     """``task`` rebuilt at ``context`` times its length; a ValueError naming --kv-context when it cannot be
     (e.g. MQAR needs a vocabulary larger than its length)."""
-    from gatelab.tasks import make_task
+    from gatelab.lab.tasks import make_task
 
     try:
         return make_task(task.name, **{**task.options, "seq_len": task.seq_len * context})
@@ -161,7 +161,7 @@ def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_s
     targets (B, T)), or with ``options.context`` > 1 as many validation rows of ``task`` at context x T,
     under "full" and every (budget, policy); "kv_cache_note" instead for a model that takes no policy. A
     failing policy gives a row with "error" and leaves the others."""
-    from gatelab.cache.evaluate import decode_eval, finetune_gates, finetune_lm
+    from gatelab.lab.kv.evaluate import decode_eval, finetune_gates, finetune_lm
 
     reason = no_cache_reason(model)
     if reason is not None:
