@@ -43,6 +43,7 @@ class TrainConfig:
     out_dir: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when out_dir is given)
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run in out_dir (without it or resume, such a folder is refused)
     progress: bool = True
     compile: bool = False
     log_every: int = 1  # a train row in history / metrics.jsonl every N steps
