@@ -16,6 +16,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MEMORY_FRACTION = 0.8  # refuse sizes whose estimate exceeds this share of the available memory
 _NAME = re.compile(r"[A-Za-z0-9_.+-]+")  # an explicit variant name: it names folders too
@@ -174,6 +175,7 @@ class RunSpec:
     def __post_init__(self):
         from gatelab.lab.models.lm import parse_pattern
         from gatelab.lab.tasks import TASK_NAMES
+        from gatelab.registry import get
 
         if self.task not in TASK_NAMES:
             raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASK_NAMES)}")
@@ -183,6 +185,8 @@ class RunSpec:
             raise TypeError(f"mixer_options must map a mechanism key or '*' to a dict, got {self.mixer_options!r}")
         keys = list(dict.fromkeys(parse_pattern(self.pattern, self.n_layers)))
         outside = sorted(set(self.mixer_options) - {"*", *keys})
+        for key in outside:
+            get(key)  # a typo is an unknown mechanism (the error lists the known ones)
         if outside:
             raise ValueError(
                 f"{self.label}: mixer options for {', '.join(map(repr, outside))}, not in the pattern "
@@ -324,3 +328,23 @@ def build(spec: RunSpec, task=None, out_dir=None, *, resume=False, overwrite=Fal
     check_memory(spec, task, spec.device)
     train_config = spec.train_config(out_dir, resume=resume, overwrite=overwrite, progress=progress)
     return task, LM(config), train_config
+
+
+def train_run(spec: RunSpec, out_dir=None, *, resume=False, overwrite=False, progress=True, log=None):
+    """Train the run ``spec`` (``gatelab train``): build it, train it, and with ``out_dir`` save the model,
+    metrics.jsonl and train_summary.json there (``resume``: continue from its checkpoint; ``overwrite``:
+    replace an earlier run). ``log(text)`` receives a line about the model before training and a summary
+    after it (rank 0 under torchrun). Returns (model, TrainResult)."""
+    from gatelab.lab.train import train
+
+    task, model, config = build(spec, out_dir=out_dir, resume=resume, overwrite=overwrite, progress=progress)
+    log = log if log is not None and int(os.environ.get("RANK", 0)) == 0 else None
+    if log:
+        layers = ", ".join(model.layer_keys)
+        log(f"model: {model.num_parameters():,} parameters ({layers}); task: {json.dumps(task.describe())}")
+    result = train(model, task, config)
+    if log:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
+        saved = f"\nsaved model + metrics.jsonl + train_summary.json in {Path(out_dir)}" if out_dir else ""
+        log(f"done: {result.steps} steps in {result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s; {metrics}{saved}")
+    return model, result
