@@ -63,14 +63,11 @@ class Variant:
     key: str
     options: dict = field(default_factory=dict)  # make_mixer options of this key (on top of a preset's)
 
-    def __post_init__(self):
-        from gatelab.registry import get
-
+    def __post_init__(self):  # the key is checked against the registry where the variant is used
         if not isinstance(self.options, dict):
             raise TypeError(f"variant {self.name!r}: options must be a dict, got {self.options!r}")
         if not isinstance(self.name, str) or not self.name or re.search(r"[\s/]", self.name):
             raise ValueError(f"variant name must be non-empty text without spaces or '/', got {self.name!r}")
-        get(self.key)  # an unknown key names the known ones
 
     @classmethod
     def of(cls, key: str, options: dict | None = None, name: str | None = None) -> Variant:
