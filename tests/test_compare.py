@@ -179,7 +179,9 @@ def test_task_overrides_and_command_line_overrides():
     assert preset.for_task("mqar").n_layers == 2 and preset.for_task("idle").n_layers == 4
     assert preset.for_task("text").steps == 1000 and preset.for_task("idle").steps == preset.steps
     mixers, _ = select_mixers(None, preset.for_task("mqar"))
-    assert "gated_deltanet" in [v.name for v in mixers] or "gated_deltanet" not in {s.key for s in list_mechanisms()}
+    assert "gated_deltanet" in [v.name for v in mixers] or "gated_deltanet" not in {
+        s.key for s in list_mechanisms()
+    }
     cut = apply_overrides(preset, steps=7, batch_size=None, seeds=1)
     for task in preset.tasks:  # --steps wins over every task's own step count; sizes stay per task
         assert cut.for_task(task).steps == 7 and cut.for_task(task).eval_every == 7

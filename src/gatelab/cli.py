@@ -25,7 +25,11 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
 
 
 def _list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", default=None, help="only this family (softmax, linear, sparse, ...: see the family column)")
+    parser.add_argument(
+        "--family",
+        default=None,
+        help="only this family (softmax, linear, sparse, ...: see the family column)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
 
 

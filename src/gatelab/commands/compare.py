@@ -37,7 +37,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="run folder name (default: the preset's name)")
     parser.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace the results and models of an earlier run in the folder"
+        "--overwrite",
+        action="store_true",
+        help="replace the results and models of an earlier run in the folder",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"

@@ -109,5 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = run_spec(args)
     out = args.out or f"runs/train-{args.task}-{args.pattern.replace('*', 'x').replace(',', '+')}"
-    train_run(spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, log=print)
+    train_run(
+        spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, log=print
+    )
     return 0

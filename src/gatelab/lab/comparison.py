@@ -53,7 +53,9 @@ def select_mixers(requested: str | list | None, preset: Preset) -> tuple[list[Va
     keys = {text: text.partition("[")[0].strip() for text in wanted}
     chosen = [Variant.parse(text) for text in wanted if keys[text] in causal]
     skipped = {text: "not in the registry" for text in wanted if keys[text] not in known}
-    skipped.update({text: "not causal" for text in wanted if keys[text] in known and keys[text] not in causal})
+    skipped.update(
+        {text: "not causal" for text in wanted if keys[text] in known and keys[text] not in causal}
+    )
     return chosen, skipped
 
 
@@ -139,7 +141,17 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
 
 
 def _budget(preset: Preset) -> dict:
-    keys = ("d_model", "n_layers", "n_heads", "steps", "batch_size", "lr", "min_lr_ratio", "warmup", "eval_every")
+    keys = (
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "steps",
+        "batch_size",
+        "lr",
+        "min_lr_ratio",
+        "warmup",
+        "eval_every",
+    )
     return {k: getattr(preset, k) for k in keys}
 
 

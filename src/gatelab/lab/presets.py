@@ -79,7 +79,9 @@ class Preset:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def run_spec(self, task: str, variant, seed: int = 0, device: str = "cpu", task_options: dict | None = None):
+    def run_spec(
+        self, task: str, variant, seed: int = 0, device: str = "cpu", task_options: dict | None = None
+    ):
         """The RunSpec of ``variant`` (a spec.Variant) on ``task`` with this preset's budget for that task;
         ``task_options`` replace the preset's (e.g. with a corpus). The preset's mixer options for other
         mechanisms stay out of the run."""

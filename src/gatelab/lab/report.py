@@ -221,7 +221,9 @@ def _load_results(run_dir: str | Path) -> dict:
         problem = "its config has no 'preset' or 'tasks'"
     elif not isinstance(config.get("seeds"), list) or not isinstance(results.get("runs"), list):
         problem = "no 'seeds' in its config or no 'runs' list"
-    elif not all(isinstance(r, dict) and {"mixer", "task", "seed", "status"} <= set(r) for r in results["runs"]):
+    elif not all(
+        isinstance(r, dict) and {"mixer", "task", "seed", "status"} <= set(r) for r in results["runs"]
+    ):
         problem = "a run without mixer, task, seed and status"
     if problem:
         raise ValueError(f"{path}: not a gatelab compare results.json ({problem})")
@@ -260,7 +262,9 @@ def merge_results(
     out = Path(out_dir).resolve()
     for run_dir in run_dirs:
         if Path(run_dir).resolve() == out:
-            raise ValueError(f"--out {out_dir} is one of the run folders to merge; write the merge to a new folder")
+            raise ValueError(
+                f"--out {out_dir} is one of the run folders to merge; write the merge to a new folder"
+            )
     loaded = [_load_results(d) for d in run_dirs]
     presets = {r["config"]["preset"] for r in loaded}
     if len(presets) != 1:

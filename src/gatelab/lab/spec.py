@@ -82,7 +82,11 @@ class Variant:
         text = text.strip()
         key, bracket, rest = text.partition("[")
         if bracket and not rest.endswith("]"):
-            raise ValueError(f"--mixers: variant {text!r} must end with ']', e.g. gated_softmax[gate=headwise]")
+            raise ValueError(
+                f"--mixers: variant {text!r} must end with ']', e.g. gated_softmax[gate=headwise]"
+            )
+        if bracket and not rest[:-1].strip():
+            raise ValueError(f"--mixers: variant {text!r} has empty brackets; write {key.strip()!r}")
         options: dict = {}
         for item in split_list(rest[:-1], f"--mixers {text!r}") if bracket else []:
             name, equals, value = item.partition("=")
@@ -93,9 +97,9 @@ class Variant:
             options[name.strip()] = parse_value(value.strip())
         name = options.pop("name", None)
         if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
-            raise ValueError(f"--mixers: variant {text!r}: name= takes letters, digits and _.+-, got {name!r}")
-        if bracket and not options and name is None:
-            raise ValueError(f"--mixers: variant {text!r} has empty brackets; write {key.strip()!r}")
+            raise ValueError(
+                f"--mixers: variant {text!r}: name= takes letters, digits and _.+-, got {name!r}"
+            )
         return cls.of(key.strip(), options, name)
 
     @property
@@ -179,7 +183,9 @@ class RunSpec:
         if not isinstance(self.mixer_options, dict) or not all(
             isinstance(v, dict) for v in self.mixer_options.values()
         ):
-            raise TypeError(f"mixer_options must map a mechanism key or '*' to a dict, got {self.mixer_options!r}")
+            raise TypeError(
+                f"mixer_options must map a mechanism key or '*' to a dict, got {self.mixer_options!r}"
+            )
         keys = list(dict.fromkeys(parse_pattern(self.pattern, self.n_layers)))
         outside = sorted(set(self.mixer_options) - {"*", *keys})
         for key in outside:
@@ -217,7 +223,9 @@ class RunSpec:
             attention_gate=self.attention_gate,
         )
 
-    def train_config(self, out_dir=None, *, resume: bool = False, overwrite: bool = False, progress: bool = False):
+    def train_config(
+        self, out_dir=None, *, resume: bool = False, overwrite: bool = False, progress: bool = False
+    ):
         """The TrainConfig of this run; ``out_dir`` None trains without writing files."""
         from gatelab.lab.train import TrainConfig
 
@@ -343,5 +351,7 @@ def train_run(spec: RunSpec, out_dir=None, *, resume=False, overwrite=False, pro
     if log:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
         saved = f"\nsaved model + metrics.jsonl + train_summary.json in {Path(out_dir)}" if out_dir else ""
-        log(f"done: {result.steps} steps in {result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s; {metrics}{saved}")
+        log(
+            f"done: {result.steps} steps in {result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s; {metrics}{saved}"
+        )
     return model, result

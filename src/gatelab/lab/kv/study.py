@@ -57,8 +57,6 @@ def gate_variants(fraction: float, eval_len: int, recent: int) -> list[tuple[str
 QUICK = {"steps": 4, "gate_steps": 2, "eval_len": 24, "eval_batches": 1, "eval_batch_size": 2}
 
 
-
-
 @dataclass(frozen=True)
 class CacheStudy:
     """What ``gatelab cache`` runs: tasks, policies, budgets (fractions of the cache kept, in (0, 1]; kept
@@ -172,7 +170,9 @@ def run_task(name: str, study: CacheStudy, seed: int, console) -> dict:
     # on the base LM fine-tuned the same steps, batches and learning rate without gates (the control), so
     # that every policy sees an LM with the same number of updates.
     base_full = decode_eval(model, batches, "full")
-    control, _ = finetune_lm(model, train_task, budget["gate_steps"], batch_size=budget["batch_size"], seed=seed)
+    control, _ = finetune_lm(
+        model, train_task, budget["gate_steps"], batch_size=budget["batch_size"], seed=seed
+    )
     full = decode_eval(control, batches, "full")
     console.print(
         f"  base LM full cache: loss {base_full['loss']:.3f}, accuracy {base_full['accuracy']:.3f}; "
