@@ -9,6 +9,7 @@ plots, saved models).
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 import time
@@ -36,13 +37,7 @@ def select_mixers(requested: str | list | None, preset: Preset) -> tuple[list[Va
     causal = {s.key for s in list_mechanisms(causal=True)}
     known = {s.key for s in list_mechanisms()}
     if requested is not None:
-        if isinstance(requested, str):
-            variants = parse_variants(requested)
-        else:
-            variants = [v if isinstance(v, Variant) else Variant.parse(v) for v in requested]
-            names = [v.name for v in variants]
-            if len(set(names)) != len(names):
-                raise ValueError(f"--mixers lists a mixer twice: {names}")
+        variants = parse_variants(requested)
         for variant in variants:
             if variant.key not in known:
                 raise ValueError(f"unknown mixer {variant.key!r}; causal mixers: {', '.join(sorted(causal))}")
@@ -51,7 +46,7 @@ def select_mixers(requested: str | list | None, preset: Preset) -> tuple[list[Va
         return variants, {}
     wanted = list(preset.mixers) if preset.mixers else list(PREFERRED) + sorted(causal - set(PREFERRED))
     keys = {text: text.partition("[")[0].strip() for text in wanted}
-    chosen = [Variant.parse(text) for text in wanted if keys[text] in causal]
+    chosen = parse_variants([text for text in wanted if keys[text] in causal])
     skipped = {text: "not in the registry" for text in wanted if keys[text] not in known}
     skipped.update(
         {text: "not causal" for text in wanted if keys[text] in known and keys[text] not in causal}
@@ -84,8 +79,6 @@ def resolve_device(device: str) -> str:
 
 
 def environment(device: str) -> dict:
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -5,6 +5,7 @@ into the task, the LMConfig, the TrainConfig and the memory check (``gatelab com
     >>> variants = parse_variants("softmax,gated_softmax[gate=headwise],gated_softmax[gate=elementwise]")
     >>> [v.name for v in variants]
     ['softmax', 'gated_softmax[gate=headwise]', 'gated_softmax[gate=elementwise]']
+    >>> from gatelab.lab.presets import PRESETS
     >>> spec = PRESETS["quick"].run_spec("mqar", variants[1], seed=0)
     >>> task, model, train_config = build(spec, out_dir="runs/x")
 """
@@ -125,9 +126,11 @@ def _text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def parse_variants(text: str) -> list[Variant]:
-    """The variants of ``--mixers``; a name given twice is an error."""
-    variants = [Variant.parse(item) for item in split_list(text, "--mixers")]
+def parse_variants(items: str | list) -> list[Variant]:
+    """The variants of ``--mixers`` text, or of a list of variant texts and Variants; a name (or the folder
+    name made of it) given twice is an error."""
+    items = split_list(items, "--mixers") if isinstance(items, str) else list(items)
+    variants = [item if isinstance(item, Variant) else Variant.parse(item) for item in items]
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"--mixers lists a mixer twice: {names}")
@@ -206,21 +209,22 @@ class RunSpec:
     def replace(self, **changes) -> RunSpec:
         return dataclasses.replace(self, **changes)
 
+    def _shared(self, config_cls) -> dict:
+        """This spec's values of the fields ``config_cls`` has under the same names."""
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(config_cls) if hasattr(self, f.name)
+        }
+
     def lm_config(self, task):
         """The LMConfig of this run on ``task`` (its vocabulary and, unless given, its sequence length)."""
         from gatelab.lab.models.lm import LMConfig
 
         return LMConfig(
-            vocab_size=task.vocab_size,
-            d_model=self.d_model,
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            pattern=self.pattern,
-            mlp_ratio=self.mlp_ratio,
-            mixer_options=self.mixer_options,
-            max_seq_len=self.max_seq_len or task.seq_len,
-            seed=self.seed,
-            attention_gate=self.attention_gate,
+            **{
+                **self._shared(LMConfig),
+                "vocab_size": task.vocab_size,
+                "max_seq_len": self.max_seq_len or task.seq_len,
+            }
         )
 
     def train_config(
@@ -229,26 +233,12 @@ class RunSpec:
         """The TrainConfig of this run; ``out_dir`` None trains without writing files."""
         from gatelab.lab.train import TrainConfig
 
-        return TrainConfig(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            min_lr_ratio=self.min_lr_ratio,
-            warmup=self.warmup,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            eval_every=self.eval_every,
-            eval_batches=self.eval_batches,
-            eval_batch_size=self.eval_batch_size,
-            seed=self.seed,
-            device=self.device,
-            out_dir=None if out_dir is None else str(out_dir),
-            checkpoint_every=self.checkpoint_every,
-            resume=resume,
-            overwrite=overwrite,
-            progress=progress,
-            compile=self.compile,
-        )
+        where = {
+            "out_dir": None if out_dir is None else str(out_dir),
+            "resume": resume,
+            "overwrite": overwrite,
+        }
+        return TrainConfig(**{**self._shared(TrainConfig), **where, "progress": progress})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
