@@ -168,3 +168,20 @@ def test_variants_run_side_by_side_in_one_table(tmp_path):
     for name in names:
         assert f"| {name} |" in report
     assert '`gated_softmax[gate=headwise]` = `gated_softmax` with gate="headwise"' in report
+
+
+def test_compare_is_one_call_from_python(tmp_path):
+    import gatelab.lab
+
+    threads = torch.get_num_threads()
+    try:
+        results = gatelab.lab.compare(
+            "quick", mixers=["softmax", Variant.of("gated_softmax", {"gate": "headwise"}, name="hw")],
+            tasks=["mqar"], steps=1, threads=1, out=tmp_path, name="py",
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["mixer"] for r in results["runs"]] == ["softmax", "hw"]
+    assert results["runs"][1]["model_dir"] == "models/hw__mqar__seed0"
+    assert results["config"]["variants"]["hw"] == {"key": "gated_softmax", "options": {"gate": "headwise"}}
+    assert '`hw` = `gated_softmax` with gate="headwise"' in (tmp_path / "py" / "report.md").read_text()
