@@ -89,28 +89,21 @@ class Preset:
 
         budget = self.for_task(task)
         base = {k: v for k, v in budget.mixer_options.items() if k in ("*", variant.key)}
-        return RunSpec(
-            task=task,
-            task_options=dict(self.task_options[task] if task_options is None else task_options),
-            pattern=variant.key,
-            name=variant.name,
-            mixer_options=variant.mixer_options(base),
-            d_model=budget.d_model,
-            n_layers=budget.n_layers,
-            n_heads=budget.n_heads,
-            steps=budget.steps,
-            batch_size=budget.batch_size,
-            lr=budget.lr,
-            min_lr_ratio=budget.min_lr_ratio,
-            warmup=min(budget.warmup, budget.steps - 1),
-            eval_every=budget.eval_every,
-            eval_batches=budget.eval_batches,
-            eval_batch_size=budget.eval_batch_size,
-            diag_batches=budget.diag_batches,
-            diag_batch_size=budget.diag_batch_size,
-            seed=seed,
-            device=device,
-        )
+        # the budget's fields of the same names: sizes, steps, lr schedule, evaluation and diagnostics batches
+        shared = {
+            f.name: getattr(budget, f.name) for f in dataclasses.fields(RunSpec) if hasattr(budget, f.name)
+        }
+        run = {
+            "task": task,
+            "task_options": dict(self.task_options[task] if task_options is None else task_options),
+            "pattern": variant.key,
+            "name": variant.name,
+            "mixer_options": variant.mixer_options(base),
+            "warmup": min(budget.warmup, budget.steps - 1),
+            "seed": seed,
+            "device": device,
+        }
+        return RunSpec(**{**shared, **run})
 
 
 PRESETS: dict[str, Preset] = {
