@@ -25,7 +25,11 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
 
 
 def _list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", default=None, help="only this family (softmax, linear, sparse, gate)")
+    parser.add_argument(
+        "--family",
+        default=None,
+        help="only this family (softmax, linear, sparse, ...: see the family column)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
 
 
@@ -37,6 +41,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from gatelab.registry import list_mechanisms
 
+    families = sorted({spec.family for spec in list_mechanisms()})
+    if args.family is not None and args.family not in families:
+        raise ValueError(f"--family: unknown family {args.family!r}; families: {', '.join(families)}")
     columns = ("key", "family", "causal", "bidirectional", "backends", "status", "paper")
     rows = [
         (
@@ -90,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(p)
         p.set_defaults(_run=fn)
     args = parser.parse_args(argv)
+    from gatelab.lab.rundir import RunDirBusy
+
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RunDirBusy) as error:
+        # the library's refusals (bad input, a run folder in use or holding an earlier run): one line, exit 2
         print(f"gatelab {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,292 +1,21 @@
-"""``gatelab cache``: train a small softmax LM per task, then decode contexts longer than its training
-window under each KV-cache policy and budget; write results.json, report.md and a quality-vs-memory plot
-("In-context KV-Cache Eviction for LLMs via Attention-Gate", Zeng et al., 2024, and its baselines)."""
+"""``gatelab cache``: the command line of :func:`gatelab.lab.cache` (KV-cache policies and budgets: quality vs
+memory when decoding contexts longer than the LM's training window)."""
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import shlex
 import sys
-import time
-from pathlib import Path
-
-import torch
 
 from gatelab.cli import command
-
-TASKS = {  # (train options, eval options): text is evaluated at 4x its training window, mqar at 2x
-    "text": ({"seq_len": 128, "max_bytes": 1_000_000}, {"seq_len": 512, "max_bytes": 1_000_000}),
-    "mqar": (
-        {"vocab_size": 72, "seq_len": 32, "num_kv_pairs": 4},
-        {"vocab_size": 72, "seq_len": 64, "num_kv_pairs": 4},
-    ),
-}
-# Base training and gate fine-tuning per task; eval sequences (batches, rows). MQAR at T=32 leaves the
-# loss = ln(kv) plateau around step 500 with a constant lr 1e-3 (0.93 accuracy by step 800 here); at T=16
-# with this vocabulary it stayed on the plateau for 800 steps.
-TRAIN = {
-    "text": {"steps": 300, "batch_size": 16, "lr": 3e-3, "gate_steps": 150, "eval": (2, 8)},
-    "mqar": {"steps": 1000, "batch_size": 64, "lr": 1e-3, "min_lr_ratio": 1.0, "warmup": 30,
-             "gate_steps": 150, "eval": (4, 16)},
-}  # fmt: skip
-# The gate reads the last 64 tokens (a constant-size gate state): on text (T=512) at 50% / 25% kept it
-# scored like a whole-context gate, loss 1.96-2.02 / 2.05-2.12 (fine-tuning seeds 1-2) against 1.96-2.03 /
-# 2.09-2.11 (seeds 0-2); one-off script on the dev CPU, 2026-11-30, hard flags evaluated in one parallel pass.
-GATE_OPTIONS = {"window": 64}
-RECENT_SHARE = 32  # --gate-recent default: blocks of eval length / 32 tokens (16 on text at T=512)
+from gatelab.lab.kv.study import RECENT_SHARE, aggregate_rows  # noqa: F401 (aggregate_rows: a public name)
 
 
-def gate_variants(fraction: float, eval_len: int, recent: int) -> list[tuple[str, dict]]:
-    """(row label, finetune_gates options) of the gated rows at one budget: the paper's gate, and with
-    ``recent`` > 0 the gate whose evicted tokens stay visible for their block and the next. The recent
-    blocks hold ``recent`` to 2 * ``recent`` tokens (1.5 * ``recent`` on average), taken from the budget."""
-    variants = [("attention_gate", {"target_keep": fraction, **GATE_OPTIONS})]
-    if recent > 0:
-        target = 1.0 if fraction == 1.0 else max(0.01, fraction - 1.5 * recent / eval_len)
-        variants.append(
-            (f"attention_gate+recent{recent}", {"target_keep": target, "recent": recent, **GATE_OPTIONS})
-        )
-    return variants
-
-
-QUICK = {"steps": 4, "gate_steps": 2, "eval_len": 24, "eval_batches": 1, "eval_batch_size": 2}
-
-
-def _floats(text: str) -> list[float]:
-    values = [float(t) for t in text.split(",") if t.strip()]
-    if not values or any(not 0 < v <= 1 for v in values):
-        raise ValueError(f"--budgets must be fractions in (0, 1], got {text!r}")
-    return sorted(set(values), reverse=True)
-
-
-def run_task(name: str, args, console) -> dict:
-    from gatelab.cache import POLICIES
-    from gatelab.lab.kv.evaluate import decode_eval, finetune_gates, finetune_lm
-    from gatelab.lab.models.lm import LM, LMConfig
-    from gatelab.lab.tasks import make_task
-    from gatelab.lab.train import TrainConfig, train
-
-    train_options, eval_options = (dict(o) for o in TASKS[name])
-    budget = dict(TRAIN[name])
-    if args.quick:
-        budget.update(steps=QUICK["steps"], gate_steps=QUICK["gate_steps"])
-        if name == "text":
-            train_options["seq_len"], eval_options["seq_len"] = QUICK["eval_len"] // 2, QUICK["eval_len"]
-        else:
-            eval_options["seq_len"] = 2 * train_options["seq_len"]
-    for key in ("steps", "gate_steps"):
-        if getattr(args, key) is not None:
-            budget[key] = getattr(args, key)
-    train_task, eval_task = make_task(name, **train_options), make_task(name, **eval_options)
-    eval_len = eval_task.seq_len
-    config = LMConfig(
-        vocab_size=train_task.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-        pattern="softmax", max_seq_len=max(eval_len, train_task.seq_len), seed=args.seed,
-    )  # fmt: skip
-    model = LM(config)
-    trained = train(
-        model, train_task,
-        TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=budget["lr"],
-                    warmup=budget.get("warmup", max(1, budget["steps"] // 10)),
-                    min_lr_ratio=budget.get("min_lr_ratio", 0.1), eval_every=0, eval_batches=2, progress=False,
-                    seed=args.seed),
-    )  # fmt: skip
-    console.print(
-        f"{name}: trained {budget['steps']} steps at T={train_task.seq_len} in {trained.wall_s:.0f} s, "
-        f"val loss {trained.final.get('loss', float('nan')):.3f}"
-    )
-    n_batches, batch_size = budget.pop("eval")
-    n_batches = QUICK["eval_batches"] if args.quick else args.eval_batches or n_batches
-    batch_size = QUICK["eval_batch_size"] if args.quick else args.eval_batch_size or batch_size
-    batches = eval_task.eval_batches(n_batches, batch_size, seed=args.seed)
-    rows = []
-
-    def record(policy: str, fraction: float, metrics: dict, **extra) -> None:
-        rows.append({"policy": policy, "budget": fraction, **metrics, **extra})
-        console.print(
-            f"  {policy:>24} budget {fraction:.2f}: kept {metrics['kept_fraction']:.3f}, held "
-            f"{metrics['held_fraction']:.3f}, loss "
-            f"{metrics['loss']:.3f}, accuracy {metrics['accuracy']:.3f}, "
-            f"{metrics['tokens_per_s']:,.0f} tok/s"
-        )
-
-    # The gated models are the base LM fine-tuned gate_steps more with their gates; the other policies run
-    # on the base LM fine-tuned the same steps, batches and learning rate without gates (the control), so
-    # that every policy sees an LM with the same number of updates.
-    base_full = decode_eval(model, batches, "full")
-    control, _ = finetune_lm(
-        model, train_task, budget["gate_steps"], batch_size=budget["batch_size"], seed=args.seed
-    )
-    full = decode_eval(control, batches, "full")
-    console.print(
-        f"  base LM full cache: loss {base_full['loss']:.3f}, accuracy {base_full['accuracy']:.3f}; "
-        f"after {budget['gate_steps']} control steps:"
-    )
-    record("full", 1.0, full)
-    recent = eval_len // RECENT_SHARE if args.gate_recent is None else args.gate_recent
-    for fraction in args.budgets:
-        for policy in args.policies:
-            if policy == "full":
-                continue
-            if policy == "attention_gate":
-                for label, options in gate_variants(fraction, eval_len, recent):
-                    tuned, history = finetune_gates(
-                        model, train_task, steps=budget["gate_steps"], batch_size=budget["batch_size"],
-                        seed=args.seed, **options,
-                    )  # fmt: skip
-                    metrics = decode_eval(tuned, batches, "attention_gate")
-                    record(label, fraction, metrics, gate_steps=budget["gate_steps"], gate_options=options,
-                           train_kept=history[-1]["kept"] if history else None)  # fmt: skip
-            elif fraction == 1.0:
-                record(policy, 1.0, full, note="budget >= sequence: identical to full (tested)")
-            else:
-                record(
-                    policy, fraction, decode_eval(control, batches, policy, budget=fraction, seq_len=eval_len)
-                )
-    assert set(args.policies) <= set(POLICIES)
-    return {
-        "train": train_task.describe(),
-        "eval": eval_task.describe(),
-        "model": config.to_dict(),
-        "train_budget": budget,
-        "base_train": {"wall_s": trained.wall_s, "final": trained.final},
-        "base_full": {k: base_full[k] for k in ("loss", "accuracy")},
-        "eval_batches": n_batches,
-        "eval_batch_size": batch_size,
-        "rows": rows,
-    }
-
-
-def aggregate_rows(per_seed: list[list[dict]]) -> list[dict]:
-    from gatelab.lab.report import mean_std
-
-    """One row per (policy, budget), in first-seen order: numbers averaged over the seeds, with the
-    standard deviation (n - 1) of loss and accuracy as ``loss_std`` / ``accuracy_std`` (0 for one seed),
-    lists of numbers (bytes per layer) averaged element by element; anything else from the first seed."""
-    groups: dict[tuple, list[dict]] = {}
-    for rows in per_seed:
-        for row in rows:
-            groups.setdefault((row["policy"], row["budget"]), []).append(row)
-    out = []
-    for group in groups.values():
-        row = dict(group[0])
-        for key, value in group[0].items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and key != "budget":
-                row[key] = sum(r[key] for r in group) / len(group)
-            elif isinstance(value, list) and all(isinstance(v, int | float) for v in value):
-                row[key] = [sum(column) / len(group) for column in zip(*(r[key] for r in group))]
-        for key in ("loss", "accuracy"):
-            row[f"{key}_std"] = mean_std([r[key] for r in group])["std"]
-        row["seeds"] = len(group)
-        out.append(row)
-    return out
-
-
-def run_seeds(name: str, args, console) -> dict:
-    """run_task for each seed; with several, the per-seed entries go under "runs" and "rows" aggregates."""
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    entries = []
-    for seed in seeds:
-        if len(seeds) > 1:
-            console.print(f"{name}: seed {seed}")
-        entries.append(run_task(name, argparse.Namespace(**{**vars(args), "seed": seed}), console))
-    entry = dict(entries[0])
-    entry["seeds"] = seeds
-    if len(seeds) > 1:
-        entry["runs"] = entries
-        entry["rows"] = aggregate_rows([e["rows"] for e in entries])
-        entry["base_full"] = {
-            k: sum(e["base_full"][k] for e in entries) / len(entries) for k in ("loss", "accuracy")
-        }
-    return entry
-
-
-def _pm(row: dict, key: str, digits: int) -> str:
-    text = f"{row[key]:.{digits}f}"
-    return text + f" ± {row[key + '_std']:.{digits}f}" if row.get("seeds", 1) > 1 else text
-
-
-def plot(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        metric = "accuracy" if task == "mqar" else "loss"
-        rows = results["tasks"][task]["rows"]
-        for policy in dict.fromkeys(r["policy"] for r in rows):
-            points = sorted(
-                (r["kept_bytes_fraction"], r[metric], r.get(f"{metric}_std", 0.0))
-                for r in rows
-                if r["policy"] == policy
-            )
-            style = (
-                {"linestyle": "--", "marker": "*", "markersize": 12} if policy == "full" else {"marker": "o"}
-            )
-            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                        label=policy, capsize=3, **style)  # fmt: skip
-        ax.set_xlabel("bytes of kept keys/values + gate state / full cache")
-        ax.set_ylabel(f"{metric} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
-        entry = results["tasks"][task]
-        seeds = len(entry.get("seeds", [0]))
-        ax.set_title(f"{task}: T={entry['eval']['seq_len']} (trained at {entry['train']['seq_len']})"
-                     + (f", mean ± std of {seeds} seeds" if seeds > 1 else ""), fontsize=10)  # fmt: skip
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def markdown(results: dict) -> str:
-    lines = [
-        f"# gatelab cache: {results['name']}",
-        "",
-        f"Command: `{results['command']}`  ",
-        f"Machine: {results['environment']['machine']}; torch {results['environment']['torch']}  ",
-        f"Wall time: {results['wall_s']:.0f} s",
-        "",
-        "Each row decodes the evaluation sequences token by token (teacher forcing) under the policy. "
-        "kept: tokens held / tokens seen at the end, mean over layers; kept+gate: bytes of the kept keys "
-        "and values plus the attention gate's own state / bytes of the full cache (what a cache without "
-        "padding holds; the plot's x axis); held: bytes this implementation allocates / bytes of the full "
-        "cache (its cache is rectangular, padded to the row and head that keep most: attention-gate rows "
-        "keep different numbers of tokens); bytes/layer: keys and values allocated per layer at the end "
-        "(all sequences); peak: most bytes held over all layers at any step, gate states included.",
-        "",
-        "Protocol: a softmax LM is trained at the training length; the attention-gate rows fine-tune it with "
-        "gates (gate_steps, target keep = budget); every other row runs on the same LM fine-tuned the same "
-        "steps, batches and learning rate without gates (the control), so all rows see equally many updates.",
-        "",
-        "![quality vs memory](quality_vs_memory.png)",
-    ]
-    for task, entry in results["tasks"].items():
-        lines += [
-            "",
-            f"## {task} (trained at T={entry['train']['seq_len']}, evaluated at T={entry['eval']['seq_len']})",
-            "",
-            f"Base LM before the control fine-tune, full cache: loss {entry['base_full']['loss']:.4f}, "
-            f"accuracy {entry['base_full']['accuracy']:.3f}.",
-            "",
-            "| policy | budget | kept | kept+gate | held | loss | accuracy | bytes/layer | peak cache bytes "
-            "| decode tok/s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in entry["rows"]:
-            per_layer = "/".join(f"{round(b):,}" for b in r["bytes_per_layer"])
-            lines.append(
-                f"| {r['policy']} | {r['budget']:.2f} | {r['kept_fraction']:.3f} | "
-                f"{r['kept_bytes_fraction']:.3f} | {r['held_fraction']:.3f} | "
-                f"{_pm(r, 'loss', 4)} | "
-                f"{_pm(r, 'accuracy', 3)} | {per_layer} | {round(r['peak_cache_bytes']):,} | {r['tokens_per_s']:,.0f} |"
-            )
-    return "\n".join(lines) + "\n"
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated fractions, got {text!r}") from None
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -314,70 +43,22 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads (default 1: one-token decode steps are too small to split across cores)",
     )  # fmt: skip
     parser.add_argument("--out", default=None, help="run folder (default: runs/cache-<UTC time>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in --out")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole pipeline")
 
 
 @command("cache", _arguments)
 def cmd_cache(args: argparse.Namespace) -> int:
     """KV-cache policies (full, streaming, h2o, attention_gate): quality vs memory when decoding long contexts."""
-    from rich.console import Console
+    from gatelab.lab.kv.study import CacheStudy, cache
 
-    from gatelab.cache import POLICIES
-    from gatelab.commands.compare import environment
-    from gatelab.lab.report import to_json_safe
-
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for task in args.tasks:
-        if task not in TASKS:
-            raise ValueError(f"--tasks: unknown task {task!r}; gatelab cache runs {', '.join(TASKS)}")
-    args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for policy in args.policies:
-        if policy not in POLICIES:
-            raise ValueError(f"--policies: unknown policy {policy!r}; known: {', '.join(POLICIES)}")
-    args.budgets = _floats(args.budgets)
-    names = (
-        "steps",
-        "gate_steps",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "eval_batches",
-        "eval_batch_size",
-        "threads",
-        "seeds",
-    )
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value}")
-    if args.gate_recent is not None and args.gate_recent < 0:
-        raise ValueError(f"--gate-recent must be >= 0 (0: only the paper's gate), got {args.gate_recent}")
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    run_dir = Path(args.out or f"runs/cache-{stamp:%Y%m%d-%H%M%S}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # piped output: one line per row
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    results = {
-        "name": run_dir.name,
-        "created": stamp.isoformat(timespec="seconds"),
-        "command": "gatelab cache " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "environment": environment("cpu"),
-        "threads": args.threads,
-        "policies": args.policies,
-        "budgets": args.budgets,
-        "tasks": {},
-    }
-    for task in args.tasks:
-        results["tasks"][task] = run_seeds(task, args, console)
-        results["wall_s"] = time.perf_counter() - start
-        (run_dir / "results.json").write_text(json.dumps(to_json_safe(results), indent=1))
-    results["wall_s"] = time.perf_counter() - start
-    (run_dir / "results.json").write_text(json.dumps(to_json_safe(results), indent=1))
-    plot(results, run_dir / "quality_vs_memory.png")
-    (run_dir / "report.md").write_text(markdown(results))
-    console.print(f"wrote {run_dir / 'report.md'} ({results['wall_s']:.0f} s)")
+    study = CacheStudy(
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+        budgets=tuple(_floats(args.budgets, "--budgets")),
+        **{k: getattr(args, k) for k in ("steps", "gate_steps", "gate_recent", "d_model", "n_layers", "n_heads",
+                                          "eval_batches", "eval_batch_size", "seed", "seeds", "threads", "quick")},
+    )  # fmt: skip
+    command_line = "gatelab cache " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    cache(study, args.out, overwrite=args.overwrite, command_line=command_line)
     return 0

@@ -9,7 +9,8 @@ from gatelab.cli import command
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders written by gatelab compare (one preset)")
-    parser.add_argument("--out", required=True, help="folder for the merged report")
+    parser.add_argument("--out", required=True, help="a new folder for the merged report (never an input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge in --out")
 
 
 @command("merge", _arguments)
@@ -19,7 +20,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from gatelab.lab.report import merge_results, print_tables
 
-    merged = merge_results(args.runs, args.out)
+    merged = merge_results(args.runs, args.out, overwrite=args.overwrite)
     print_tables(merged)
-    Console().print(f"wrote {args.out}/report.md from {len(args.runs)} run folders")
+    dropped = f" ({merged['duplicate_runs']} duplicate runs kept once)" if merged["duplicate_runs"] else ""
+    Console().print(f"wrote {args.out}/report.md from {len(args.runs)} run folders{dropped}")
     return 0

@@ -8,9 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
 from gatelab.cli import command
 
@@ -56,32 +53,26 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="run folder (default runs/train-<task>-<pattern>)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # a bare string such as headwise
-
-
 def _pairs(items: list[str], flag: str) -> list[tuple[str, object]]:
+    from gatelab.lab.spec import parse_value
+
     out = []
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ValueError(f"{flag} takes NAME=VALUE, got {item!r}")
-        out.append((name, _value(value)))
+        out.append((name, parse_value(value)))
     return out
 
 
-def build(args: argparse.Namespace):
-    """The task, the LM and the TrainConfig an argument namespace describes."""
-    from gatelab.lab.models.lm import LM, LMConfig
-    from gatelab.lab.tasks import make_task
-    from gatelab.lab.train import TrainConfig
+def run_spec(args: argparse.Namespace):
+    """The RunSpec an argument namespace describes."""
+    from gatelab.lab.spec import RunSpec
 
     task_options = dict(_pairs(args.task_option, "--task-option"))
     if args.seq_len is not None:
@@ -89,66 +80,36 @@ def build(args: argparse.Namespace):
     if args.vocab_size is not None:
         task_options["vocab_size"] = args.vocab_size
     if args.corpus is not None:
+        if args.task != "text":
+            raise ValueError(f"--corpus applies to --task text only, got --task {args.task}")
         task_options["corpus"] = args.corpus
-    task = make_task(args.task, **task_options)
     mixer_options: dict[str, dict] = {}
     for name, value in _pairs(args.mixer_option, "--mixer-option"):
         key, dot, option = name.partition(".")
         if not dot:
             raise ValueError(f"--mixer-option takes KEY.NAME=VALUE (KEY a mechanism or '*'), got {name!r}")
         mixer_options.setdefault(key, {})[option] = value
-    lm_config = LMConfig(
-        vocab_size=task.vocab_size,
-        d_model=args.d_model,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        pattern=args.pattern,
-        mlp_ratio=args.mlp_ratio,
-        mixer_options=mixer_options,
-        max_seq_len=task.seq_len,
-        seed=args.seed,
-        attention_gate=None
-        if args.attention_gate is None
-        else dict(_pairs(args.attention_gate, "--attention-gate")),
-    )
-    model = LM(lm_config)
-    out = args.out or f"runs/train-{args.task}-{args.pattern.replace('*', 'x').replace(',', '+')}"
-    train_config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio,
+    return RunSpec(
+        task=args.task, task_options=task_options, pattern=args.pattern, mixer_options=mixer_options,
+        d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio,
+        attention_gate=None if args.attention_gate is None else dict(_pairs(args.attention_gate, "--attention-gate")),
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup=args.warmup if args.warmup is not None else min(100, args.steps // 10),
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every if args.eval_every is not None else max(1, args.steps // 10),
-        eval_batches=args.eval_batches,
-        seed=args.seed,
-        device=args.device,
-        out_dir=out,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        progress=not args.no_progress,
-        compile=args.compile,
-    )
-    return task, model, train_config
+        eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, compile=args.compile,
+        seed=args.seed, device=args.device,
+    )  # fmt: skip
 
 
 @command("train", _add_arguments)
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one configuration (pattern, task, sizes) and save the model and metrics."""
-    from gatelab.lab.train import train
+    from gatelab.lab.spec import train_run
 
-    task, model, config = build(args)
-    main_rank = int(os.environ.get("RANK", 0)) == 0
-    if main_rank:
-        layers = ", ".join(model.layer_keys)
-        print(f"model: {model.num_parameters():,} parameters ({layers}); task: {json.dumps(task.describe())}")
-    result = train(model, task, config)
-    if main_rank:
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
-        print(
-            f"done: {result.steps} steps in {result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s; {metrics}\n"
-            f"saved model + metrics.jsonl + train_summary.json in {Path(config.out_dir)}"
-        )
+    spec = run_spec(args)
+    out = args.out or f"runs/train-{args.task}-{args.pattern.replace('*', 'x').replace(',', '+')}"
+    train_run(
+        spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, log=print
+    )
     return 0

@@ -31,7 +31,9 @@ class Preset:
     diag_batches: int = 2  # validation batches the diagnostics (and the W8A8 loss) are measured on
     diag_batch_size: int = 16
     seeds: int = 1
-    mixers: tuple[str, ...] | None = None  # None: softmax, gated_softmax, clipped_softmax + every causal one
+    # mixer keys or variants ("gated_softmax[gate=headwise]"); None: softmax, gated_softmax, clipped_softmax
+    # and every other causal mechanism
+    mixers: tuple[str, ...] | None = None
     mixer_options: dict = field(default_factory=dict)  # LMConfig.mixer_options
     # task name -> fields of this preset that differ on that task (sizes, steps, or its own "mixers"):
     # every mixer run on a task still gets that task's one budget
@@ -76,6 +78,32 @@ class Preset:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def run_spec(
+        self, task: str, variant, seed: int = 0, device: str = "cpu", task_options: dict | None = None
+    ):
+        """The RunSpec of ``variant`` (a spec.Variant) on ``task`` with this preset's budget for that task;
+        ``task_options`` replace the preset's (e.g. with a corpus). The preset's mixer options for other
+        mechanisms stay out of the run."""
+        from gatelab.lab.spec import RunSpec
+
+        budget = self.for_task(task)
+        base = {k: v for k, v in budget.mixer_options.items() if k in ("*", variant.key)}
+        # the budget's fields of the same names: sizes, steps, lr schedule, evaluation and diagnostics batches
+        shared = {
+            f.name: getattr(budget, f.name) for f in dataclasses.fields(RunSpec) if hasattr(budget, f.name)
+        }
+        run = {
+            "task": task,
+            "task_options": dict(self.task_options[task] if task_options is None else task_options),
+            "pattern": variant.key,
+            "name": variant.name,
+            "mixer_options": variant.mixer_options(base),
+            "warmup": min(budget.warmup, budget.steps - 1),
+            "seed": seed,
+            "device": device,
+        }
+        return RunSpec(**{**shared, **run})
 
 
 PRESETS: dict[str, Preset] = {

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .rundir import atomic_write_json, atomic_write_text
 from .tables import finite, format_cell, markdown_table, mean_std, to_json_safe
 
 # (key, header, format): one column of the comparison table, read from run_metrics(run)
@@ -144,11 +145,11 @@ def write_report(run_dir: str | Path, results: dict) -> dict[str, Path]:
     results = dict(results)
     results["aggregate"] = aggregate(results["runs"])
     paths = {"results": run_dir / "results.json"}
-    paths["results"].write_text(json.dumps(to_json_safe(results), indent=1))
+    atomic_write_json(paths["results"], to_json_safe(results))
     plots = make_plots(results, run_dir)
     paths.update(plots)
     paths["report"] = run_dir / "report.md"
-    paths["report"].write_text(render_markdown(results, plots))
+    atomic_write_text(paths["report"], render_markdown(results, plots))
     return paths
 
 
@@ -167,6 +168,12 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
         f"- wall time: {results.get('wall_s', 0):.0f} s; command: `{results.get('command', '')}`",
         "",
     ]
+    variants = {n: v for n, v in (config.get("variants") or {}).items() if v["options"] or n != v["key"]}
+    if variants:  # what each named variant is (a bare key is its own description)
+        lines += ["Variants: " + "; ".join(
+            f"`{n}` = `{v['key']}` with " + (", ".join(f"{k}={json.dumps(o)}" for k, o in v["options"].items())
+                                              or "its defaults")
+            for n, v in variants.items()), ""]  # fmt: skip
     skipped = results.get("skipped_mixers") or {}
     if skipped:
         lines += ["Not run: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()), ""]
@@ -197,18 +204,68 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def merge_results(run_dirs: Sequence[str | Path], out_dir: str | Path, name: str | None = None) -> dict:
+def _load_results(run_dir: str | Path) -> dict:
+    """The results.json of a comparison; a clear error names the file when it is missing or not one."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json in {run_dir}")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); is it torn or edited?") from None
+    config = results.get("config") if isinstance(results, dict) else None
+    problem = None
+    if not isinstance(config, dict):
+        problem = "no 'config' object"
+    elif not isinstance(config.get("preset"), str) or not isinstance(config.get("tasks"), list):
+        problem = "its config has no 'preset' or 'tasks'"
+    elif not isinstance(config.get("seeds"), list) or not isinstance(results.get("runs"), list):
+        problem = "no 'seeds' in its config or no 'runs' list"
+    elif not all(
+        isinstance(r, dict) and {"mixer", "task", "seed", "status"} <= set(r) for r in results["runs"]
+    ):
+        problem = "a run without mixer, task, seed and status"
+    if problem:
+        raise ValueError(f"{path}: not a gatelab compare results.json ({problem})")
+    return results
+
+
+def _agreeing(loaded: list[dict], paths: list, key: str) -> dict:
+    """The union of config[key] (name -> description) over the runs; a name described differently by two
+    runs is an error naming both folders (their runs could not share one table)."""
+    out, source = {}, {}
+    for results, path in zip(loaded, paths):
+        for name, value in (results["config"].get(key) or {}).items():
+            if name in out and out[name] != value:
+                raise ValueError(
+                    f"{source[name]} and {path} disagree on {key}[{name!r}] ({out[name]} vs {value}); "
+                    "merge runs of one configuration"
+                )
+            out.setdefault(name, value)
+            source.setdefault(name, path)
+    return out
+
+
+def merge_results(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, name: str | None = None, *, overwrite: bool = False
+) -> dict:
     """Merge the results.json of comparisons run as separate processes (e.g. one per task or per seed, in
-    parallel) into one report in ``out_dir``. The runs must share a preset; their runs are concatenated,
-    tasks and seeds united, and the report says which commands made it. Returns the merged results."""
-    loaded = []
-    for run_dir in run_dirs:
-        path = Path(run_dir) / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no results.json in {run_dir}")
-        loaded.append(json.loads(path.read_text()))
-    if not loaded:
+    parallel) into one report in ``out_dir``, a new folder: never one of the inputs, and one holding an
+    earlier results.json only with ``overwrite``. The runs must share a preset and agree on each task's
+    budget and each variant's options; their runs are concatenated with duplicates (the same mixer, task,
+    seed and spec, e.g. a folder given twice) kept once, tasks and seeds united, and the report says which
+    commands made it. Returns the merged results."""
+    from .rundir import locked, refuse_existing
+
+    if not run_dirs:
         raise ValueError("give at least one run folder to merge")
+    out = Path(out_dir).resolve()
+    for run_dir in run_dirs:
+        if Path(run_dir).resolve() == out:
+            raise ValueError(
+                f"--out {out_dir} is one of the run folders to merge; write the merge to a new folder"
+            )
+    loaded = [_load_results(d) for d in run_dirs]
     presets = {r["config"]["preset"] for r in loaded}
     if len(presets) != 1:
         raise ValueError(f"can only merge runs of one preset, got {sorted(presets)}")
@@ -216,8 +273,20 @@ def merge_results(run_dirs: Sequence[str | Path], out_dir: str | Path, name: str
     config = dict(first["config"])
     config["tasks"] = list(dict.fromkeys(t for r in loaded for t in r["config"]["tasks"]))
     config["seeds"] = sorted({s for r in loaded for s in r["config"]["seeds"]})
-    for key in ("task_config", "task_mixers"):
-        config[key] = {k: v for r in loaded for k, v in (r["config"].get(key) or {}).items()}
+    for key in ("task_config", "variants"):
+        config[key] = _agreeing(loaded, list(run_dirs), key)
+    config["task_mixers"] = {
+        t: list(dict.fromkeys(m for r in loaded for m in (r["config"].get("task_mixers") or {}).get(t, [])))
+        for t in config["tasks"]
+    }
+    config["mixers"] = list(dict.fromkeys(m for r in loaded for m in r["config"].get("mixers", [])))
+    runs: dict[tuple, dict] = {}
+    for results in loaded:
+        for run in results["runs"]:
+            spec = json.dumps([config["task_config"].get(run["task"]), config["variants"].get(run["mixer"])])
+            key = (run["mixer"], run["task"], run["seed"], spec)
+            if key not in runs or (runs[key]["status"] != "ok" and run["status"] == "ok"):
+                runs[key] = run  # one run per key; a successful rerun replaces a failed one
     merged = {
         "name": name or Path(out_dir).name,
         "created": first.get("created"),
@@ -226,10 +295,16 @@ def merge_results(run_dirs: Sequence[str | Path], out_dir: str | Path, name: str
         "environment": first["environment"],
         "tasks": {k: v for r in loaded for k, v in (r.get("tasks") or {}).items()},
         "skipped_mixers": {k: v for r in loaded for k, v in (r.get("skipped_mixers") or {}).items()},
-        "runs": [run for r in loaded for run in r["runs"]],
+        "runs": list(runs.values()),
         "wall_s": max(r.get("wall_s", 0) for r in loaded),
         "merged_from": [{"dir": str(d), "wall_s": r.get("wall_s")} for d, r in zip(run_dirs, loaded)],
+        "duplicate_runs": sum(len(r["runs"]) for r in loaded) - len(runs),
     }
-    write_report(out_dir, merged)
+    with locked(out_dir):
+        refuse_existing(out_dir, ("results.json",), overwrite=overwrite)
+        write_report(out_dir, merged)
     merged["aggregate"] = aggregate(merged["runs"])
     return merged
+
+
+merge = merge_results  # gatelab.lab.merge
