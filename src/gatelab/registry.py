@@ -7,6 +7,7 @@ mechanism never means editing a shared list.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -57,6 +58,16 @@ def _load_all() -> None:
                 importlib.import_module(f"{package_name}.{info.name}")
 
 
+def mechanism_key(cls: type) -> str:
+    """The key of the mechanism whose module or config class is ``cls`` or, for a subclass, its nearest
+    registered base; the class name when none is registered (a base class such as AttentionConfig)."""
+    for base in cls.__mro__:
+        for spec in _REGISTRY.values():
+            if base is spec.module_cls or base is spec.config_cls:
+                return spec.key
+    return cls.__name__
+
+
 def get(key: str) -> MechanismSpec:
     """The spec of mechanism ``key``; a clear error lists the known keys."""
     _load_all()
@@ -86,11 +97,8 @@ def make_mixer(key: str, **options) -> nn.Module:
     >>> y, state = mixer(x)  # x (B, T, d_model)
     """
     spec = get(key)
-    try:
-        config = spec.config_cls(**options)
-    except TypeError as error:
-        import dataclasses
-
-        names = sorted(f.name for f in dataclasses.fields(spec.config_cls))
-        raise TypeError(f"{key}: {error}; valid options: {', '.join(names)}") from None
-    return spec.module_cls(config)
+    names = sorted(f.name for f in dataclasses.fields(spec.config_cls))
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"{key}: unknown options {', '.join(unknown)}; valid options: {', '.join(names)}")
+    return spec.module_cls(spec.config_cls(**options))
