@@ -277,3 +277,22 @@ def test_any_cache_manager_plugs_into_the_one_forward():
         expected, _ = reference(x)
     assert type(state) is KVCache and state.k.shape[1] == 3 and state.length == 11
     assert_close("recent-only decode vs sliding window", decoded, expected, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "name, options, error, match",
+    [
+        ("streaming", {"budget": 4, "rope_by_cache_position": "no"}, TypeError, "rope_by_cache_position"),
+        ("attention_gate", {"rope_by_cache_position": 1}, TypeError, "rope_by_cache_position"),
+        ("h2o", {"budget": float("nan"), "seq_len": 10}, ValueError, "budget must be a finite number"),
+        ("streaming", {"budget": float("inf")}, ValueError, "budget must be a finite number"),
+        ("attention_gate", {"eviction_weight": float("nan")}, ValueError, "eviction_weight"),
+        ("attention_gate", {"eviction_weight": -1.0}, ValueError, "eviction_weight"),
+        ("attention_gate", {"eviction_weight": "4"}, TypeError, "eviction_weight"),
+        ("attention_gate", {"init_keep": "0.9"}, TypeError, "init_keep"),
+        ("attention_gate", {"init_keep": float("nan")}, ValueError, "init_keep"),
+    ],
+)
+def test_policy_options_are_checked(name, options, error, match):
+    with pytest.raises(error, match=match):
+        make_policy(name, build(), **options)

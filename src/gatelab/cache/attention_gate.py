@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from gatelab.mixers._kv_cache import KVCache
 from gatelab.ops.softmax import softmax
 
-from .policies import MASKED, CachePolicy, PolicyCache
+from .policies import MASKED, CachePolicy, PolicyCache, check_flag, check_number
 
 
 class AttentionGate(nn.Module):
@@ -113,13 +113,14 @@ class AttentionGatePolicy(CachePolicy):
             raise ValueError(f"window must be a positive int (tokens the gate reads) or None, got {window!r}")
         if not isinstance(recent, int) or isinstance(recent, bool) or recent < 0:
             raise ValueError(f"recent must be an int >= 0 (tokens per block, 0: off), got {recent!r}")
-        if not 0 < init_keep < 1:
+        if check_number("init_keep", init_keep, 0, low_open=True) >= 1:
             raise ValueError(f"init_keep must be in (0, 1), got {init_keep!r}")
         if relaxation not in ("soft", "straight_through"):
             raise ValueError(f"relaxation must be 'soft' or 'straight_through', got {relaxation!r}")
-        self.target_keep, self.eviction_weight = float(target_keep), float(eviction_weight)
+        self.target_keep = float(target_keep)
+        self.eviction_weight = check_number("eviction_weight", eviction_weight, 0)
         self.relaxation = relaxation
-        self.rope_by_cache_position = bool(rope_by_cache_position)
+        self.rope_by_cache_position = check_flag("rope_by_cache_position", rope_by_cache_position)
         self.recent = recent
         self.gate = AttentionGate(d_model, kv_heads, heads, d_gate, window, init_keep)
         self.last_keep: torch.Tensor | None = None  # (B, Hkv) straight-through kept fractions, last forward

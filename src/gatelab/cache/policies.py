@@ -88,10 +88,28 @@ class PolicyCache(KVCache):
         )
 
 
+def check_flag(name: str, value) -> bool:
+    """A policy's on/off option: True or False only (``"no"`` is not False)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def check_number(name: str, value, low: float, low_open: bool = False) -> float:
+    """A finite real option >= ``low`` (> ``low`` with ``low_open``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low}, got {value!r}")
+    return float(value)
+
+
 def resolve_budget(name: str, budget, seq_len: int | None) -> int:
     """Tokens from a budget: an int >= 1, or a float fraction in (0, 1] of ``seq_len``."""
     if isinstance(budget, bool) or not isinstance(budget, int | float):
         raise TypeError(f"{name} must be an int (tokens) or a float fraction, got {type(budget).__name__}")
+    if not math.isfinite(budget):
+        raise ValueError(f"{name} must be a finite number (tokens, or a fraction in (0, 1]), got {budget!r}")
     if budget <= 0:
         raise ValueError(f"{name} must be > 0 (tokens, or a fraction in (0, 1]), got {budget!r}")
     if isinstance(budget, float):
@@ -213,7 +231,7 @@ class StreamingPolicy(CachePolicy):
                 f"window ({window}) + sinks ({sinks}) is larger than the budget ({self.budget} tokens)"
             )
         self.sinks, self.window = sinks, window
-        self.rope_by_cache_position = bool(rope_by_cache_position)
+        self.rope_by_cache_position = check_flag("rope_by_cache_position", rope_by_cache_position)
 
     def evict(self, cache, probs):
         S = cache.k.shape[1]
