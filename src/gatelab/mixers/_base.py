@@ -4,7 +4,10 @@
     y, state, internals = mixer(x, state, return_internals=True)
 
 ``state`` is whatever the mixer needs to continue the sequence (a KV cache, a recurrent state):
-running a prefix and then continuing token by token gives the outputs of one parallel pass.
+running a prefix and then continuing token by token gives the outputs of one parallel pass. A state
+carries a :class:`StateSignature` (mechanism, batch, heads, dims); a mixer refuses any other.
+Every config option is checked against its annotation (:func:`check_fields`) before the mechanism's own
+checks run.
 ``internals`` is a dict for diagnostics, e.g. "attn" (B, H, T, S) probabilities and "gate" values;
 it is only computed when asked for, so the normal path pays nothing.
 """
