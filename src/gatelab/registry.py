@@ -35,6 +35,7 @@ class MechanismSpec:
 
 
 _REGISTRY: dict[str, MechanismSpec] = {}
+_KEYS: dict[type, str] = {}  # class -> key, filled by mechanism_key
 _LOADED = False
 _PACKAGES = ("gatelab.mixers",)
 
@@ -61,9 +62,12 @@ def _load_all() -> None:
 def mechanism_key(cls: type) -> str:
     """The key of the mechanism whose module or config class is ``cls`` or, for a subclass, its nearest
     registered base; the class name when none is registered (a base class such as AttentionConfig)."""
+    if cls in _KEYS:  # asked at every decoding step (a state's signature): found once, kept
+        return _KEYS[cls]
     for base in cls.__mro__:
         for spec in _REGISTRY.values():
             if base is spec.module_cls or base is spec.config_cls:
+                _KEYS[cls] = spec.key
                 return spec.key
     return cls.__name__
 
