@@ -199,6 +199,8 @@ SIZES = [
 def test_zero_sizes_are_refused(spec, option):
     with pytest.raises(ValueError, match=option):
         spec.config_cls(**{**_base_options(spec), option: 0})
+    with pytest.raises(ValueError, match=rf"^{spec.key}: .*{option}"):  # make_mixer says whose option
+        gatelab.make_mixer(spec.key, **{**_base_options(spec), option: 0})
 
 
 def test_a_new_config_gets_the_checks_and_may_allow_non_finite_floats():

@@ -105,4 +105,10 @@ def make_mixer(key: str, **options) -> nn.Module:
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise TypeError(f"{key}: unknown options {', '.join(unknown)}; valid options: {', '.join(names)}")
-    return spec.module_cls(spec.config_cls(**options))
+    try:
+        config = spec.config_cls(**options)
+    except ValueError as error:  # a range check of the mechanism's own: say whose option it is
+        if str(error).startswith(f"{key}: "):
+            raise
+        raise ValueError(f"{key}: {error}") from None
+    return spec.module_cls(config)
