@@ -7,6 +7,12 @@ through ``MechanismSpec.extra["test_options"]``. Vision (spatial) mixers declare
 the spatial test instead (map size from ``extra["test_spatial_shape"]``, default 6 x 7 in 2D).
 """
 
+import dataclasses
+import math
+import re
+import types
+import typing
+
 import pytest
 import torch
 
@@ -19,6 +25,7 @@ MIXERS = [s for s in ALL_MIXERS if "spatial_dims" not in s.extra]  # sequence mi
 SPATIAL = [s for s in ALL_MIXERS if "spatial_dims" in s.extra]  # vision mixers, (B, *spatial, C)
 CAUSAL = [s for s in MIXERS if s.causal]
 BIDIRECTIONAL = [s for s in MIXERS if s.bidirectional]
+LINEAR = [s for s in CAUSAL if s.family == "linear"]
 
 
 def build(spec, **overrides):
@@ -28,9 +35,22 @@ def build(spec, **overrides):
     return mixer.eval()
 
 
+def spy_backends(mixer, monkeypatch) -> list:
+    """Record (tokens, backend) of every call of a linear mixer's op."""
+    op, calls = type(mixer).op, []
+
+    def spy(*args, backend, **options):
+        calls.append((args[0].shape[1], backend))
+        return op(*args, backend=backend, **options)
+
+    monkeypatch.setattr(type(mixer), "op", staticmethod(spy))
+    return calls
+
+
 @pytest.mark.parametrize("spec", CAUSAL, ids=lambda s: s.key)
-def test_decode_matches_parallel(spec):
+def test_decode_matches_parallel(spec, monkeypatch):
     mixer = build(spec)
+    calls = spy_backends(mixer, monkeypatch) if spec in LINEAR else None
     x = torch.randn(3, 13, 64)
     with torch.no_grad():
         y_full, _ = mixer(x)
@@ -40,6 +60,33 @@ def test_decode_matches_parallel(spec):
             y_t, state = mixer(x[:, t : t + 1], state=state)
             steps.append(y_t)
     assert_close(f"{spec.key} decode", torch.cat(steps, dim=1), y_full, torch.float32)
+    if calls is not None:  # one forward template: a prefill runs the configured backend, a step the step form
+        assert calls == [(13, "auto"), (6, "auto")] + [(1, "recurrent")] * 7
+
+
+@pytest.mark.parametrize("spec", CAUSAL, ids=lambda s: s.key)
+def test_state_carries_its_mechanism_batch_and_heads(spec):
+    mixer = build(spec)
+    with torch.no_grad():
+        _, state = mixer(torch.randn(2, 5, 64))
+        assert state.signature == mixer.state_signature(2) and state.signature.mechanism == spec.key
+        with pytest.raises(ValueError, match=r"batch 3.*got a state of .*batch 2"):
+            mixer(torch.randn(3, 1, 64), state=state)
+        fewer_heads = build(spec, n_heads=2)
+        with pytest.raises(ValueError, match=r"2 heads.*got a state of .*4 heads"):
+            fewer_heads(torch.randn(2, 1, 64), state=state)
+        # the same shapes from another mechanism
+        forged = dataclasses.replace(state, signature=dataclasses.replace(state.signature, mechanism="other"))
+        with pytest.raises(ValueError, match=rf"continues a state of {spec.key} .*got a state of other"):
+            mixer(torch.randn(2, 1, 64), state=forged)
+
+
+def test_a_same_shaped_state_of_another_mechanism_is_refused():
+    softmax, gated = build(gatelab.get("softmax")), build(gatelab.get("gated_softmax"))
+    with torch.no_grad():
+        _, state = softmax(torch.randn(2, 5, 64))
+        with pytest.raises(ValueError, match="gated_softmax .*got a state of softmax"):
+            gated(torch.randn(2, 1, 64), state=state)
 
 
 @pytest.mark.parametrize("spec", CAUSAL, ids=lambda s: s.key)
@@ -93,6 +140,85 @@ def test_bad_input(spec):
         mixer(torch.randn(5, 64))
     with pytest.raises(TypeError):
         mixer(torch.ones(2, 5, 64, dtype=torch.long))
+
+
+@pytest.mark.parametrize("spec", ALL_MIXERS, ids=lambda s: s.key)
+def test_an_empty_batch_is_refused(spec):
+    mixer = build(spec)
+    shape = _spatial_shape(spec) if spec in SPATIAL else (5,)
+    with pytest.raises(ValueError, match=r"at least one sequence \(B >= 1\)"):
+        mixer(torch.randn(0, *shape, 64))
+
+
+# wrong values per annotation; a union only takes a value that none of its arms accepts
+WRONG = {bool: ["no", 1, None], int: [True, 2.0, "3"], float: ["1.0", True, None], str: [1, None]}
+
+
+def _arms(hint) -> tuple:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _wrong_values(hint):
+    arms = _arms(hint)
+    for arm in arms:
+        for value in WRONG.get(arm, []):
+            if not any(a is type(value) or (a is float and type(value) is int) for a in arms):
+                yield value
+
+
+def _base_options(spec):
+    return {"d_model": 64, "n_heads": 4, **spec.extra.get("test_options", {})}
+
+
+@pytest.mark.parametrize("spec", ALL_MIXERS, ids=lambda s: s.key)
+def test_every_option_is_checked_against_its_annotation(spec):
+    hints = typing.get_type_hints(spec.config_cls)
+    checked = 0
+    for f in dataclasses.fields(spec.config_cls):
+        for value in _wrong_values(hints[f.name]):
+            message = rf"{spec.key}: option '{f.name}' must be .*, got {re.escape(repr(value))}"
+            with pytest.raises(TypeError, match=message):
+                spec.config_cls(**{**_base_options(spec), f.name: value})
+            checked += 1
+        if float in _arms(hints[f.name]):
+            for value in (math.nan, math.inf):
+                with pytest.raises(ValueError, match=rf"{spec.key}: option '{f.name}' must be finite"):
+                    spec.config_cls(**{**_base_options(spec), f.name: value})
+    assert checked >= 8  # d_model, n_heads, causal and backend at least
+
+
+SIZES = [
+    (spec, name)
+    for spec in ALL_MIXERS
+    for name in ("d_model", "n_heads", "n_kv_heads", "head_dim")
+    if name in {f.name for f in dataclasses.fields(spec.config_cls)}
+]
+
+
+@pytest.mark.parametrize("spec, option", SIZES, ids=lambda v: getattr(v, "key", v))
+def test_zero_sizes_are_refused(spec, option):
+    with pytest.raises(ValueError, match=option):
+        spec.config_cls(**{**_base_options(spec), option: 0})
+    with pytest.raises(ValueError, match=rf"^{spec.key}: .*{option}"):  # make_mixer says whose option
+        gatelab.make_mixer(spec.key, **{**_base_options(spec), option: 0})
+
+
+def test_a_new_config_gets_the_checks_and_may_allow_non_finite_floats():
+    from gatelab.mixers._base import FINITE, MixerConfig
+
+    @dataclasses.dataclass
+    class NewConfig(MixerConfig):
+        flag: bool = False
+        limit: float = dataclasses.field(default=math.inf, metadata=FINITE)
+        scale: float = 1.0
+
+    assert NewConfig(limit=math.nan).limit != NewConfig().limit  # nan and inf allowed where the field says so
+    with pytest.raises(
+        TypeError, match=r"NewConfig: option 'flag' must be a bool \(True or False\), got 'no'"
+    ):
+        NewConfig(flag="no")
+    with pytest.raises(ValueError, match="NewConfig: option 'scale' must be finite, got inf"):
+        NewConfig(scale=math.inf)
 
 
 def test_unknown_key_and_option():

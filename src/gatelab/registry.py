@@ -7,6 +7,7 @@ mechanism never means editing a shared list.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -34,6 +35,7 @@ class MechanismSpec:
 
 
 _REGISTRY: dict[str, MechanismSpec] = {}
+_KEYS: dict[type, str] = {}  # class -> key, filled by mechanism_key
 _LOADED = False
 _PACKAGES = ("gatelab.mixers",)
 
@@ -55,6 +57,19 @@ def _load_all() -> None:
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{package_name}.{info.name}")
+
+
+def mechanism_key(cls: type) -> str:
+    """The key of the mechanism whose module or config class is ``cls`` or, for a subclass, its nearest
+    registered base; the class name when none is registered (a base class such as AttentionConfig)."""
+    if cls in _KEYS:  # asked at every decoding step (a state's signature): found once, kept
+        return _KEYS[cls]
+    for base in cls.__mro__:
+        for spec in _REGISTRY.values():
+            if base is spec.module_cls or base is spec.config_cls:
+                _KEYS[cls] = spec.key
+                return spec.key
+    return cls.__name__
 
 
 def get(key: str) -> MechanismSpec:
@@ -86,11 +101,14 @@ def make_mixer(key: str, **options) -> nn.Module:
     >>> y, state = mixer(x)  # x (B, T, d_model)
     """
     spec = get(key)
+    names = sorted(f.name for f in dataclasses.fields(spec.config_cls))
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"{key}: unknown options {', '.join(unknown)}; valid options: {', '.join(names)}")
     try:
         config = spec.config_cls(**options)
-    except TypeError as error:
-        import dataclasses
-
-        names = sorted(f.name for f in dataclasses.fields(spec.config_cls))
-        raise TypeError(f"{key}: {error}; valid options: {', '.join(names)}") from None
+    except ValueError as error:  # a range check of the mechanism's own: say whose option it is
+        if str(error).startswith(f"{key}: "):
+            raise
+        raise ValueError(f"{key}: {error}") from None
     return spec.module_cls(config)

@@ -7,6 +7,8 @@ import gatelab
 from gatelab.cache import MASKED, PolicyCache, apply_policy, cache_bytes, make_policy, remove_policy
 from gatelab.cache.policies import with_key_bias
 from gatelab.lab.models.lm import LM, LMConfig
+from gatelab.mixers import KVCache, KVCacheManager
+from gatelab.mixers.softmax import SoftmaxAttention
 from gatelab.ops.softmax import attention_probs, softmax
 from gatelab.testing import assert_close
 
@@ -213,3 +215,84 @@ def test_bf16_decode_against_fp32_full_attention(case):
         mixer.to(torch.bfloat16)
         decoded, _ = run_decode(mixer, x.to(torch.bfloat16), 5)
     assert_close(f"{case} bf16 decode", decoded.float(), expected, torch.bfloat16)
+
+
+class OwnCacheAttention(SoftmaxAttention):
+    """A mechanism that declares that its attention needs its own cache (as sliding_window does)."""
+
+    accepts_cache_policy = False
+
+
+def test_a_policy_applies_only_where_the_mechanism_declares_it_can():
+    own = OwnCacheAttention(build().config)
+    with pytest.raises(TypeError, match="OwnCacheAttention manages its own KV cache"):
+        make_policy("h2o", own, budget=4)
+    policy = make_policy("h2o", build(), budget=4)
+    with pytest.raises(TypeError, match="manages its own KV cache"):
+        own.set_cache_policy(policy)
+    window = gatelab.make_mixer("sliding_window", d_model=64, n_heads=4, window=4)
+    window.cache_policy = policy  # assigned past the checks: the forward still refuses it
+    with pytest.raises(TypeError, match="SlidingWindowAttention manages its own KV cache"):
+        window(torch.randn(1, 3, 64))
+
+
+def test_a_state_of_another_cache_is_refused():
+    mixer = build()
+    with torch.no_grad():
+        mixer.set_cache_policy(make_policy("streaming", mixer, budget=4))
+        _, policy_state = mixer(torch.randn(1, 3, 64))
+        mixer.set_cache_policy(None)
+        with pytest.raises(TypeError, match="state must be the KVCache this mixer returned, got PolicyCache"):
+            mixer(torch.randn(1, 1, 64), state=policy_state)
+        mixer.set_cache_policy(make_policy("h2o", mixer, budget=4))
+        with pytest.raises(ValueError, match="batch 2.*got a state of softmax .*batch 1"):
+            mixer(torch.randn(2, 1, 64), state=policy_state)
+
+
+class RecentOnly(KVCacheManager, torch.nn.Module):
+    """A cache written outside gatelab.cache: keep the last ``keep`` tokens after each call."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = keep
+
+    def evict(self, cache, probs):
+        S = cache.k.shape[1]
+        if S <= self.keep:
+            return cache
+        return KVCache(cache.k[:, S - self.keep :], cache.v[:, S - self.keep :], cache.length,
+                       signature=cache.signature)  # fmt: skip
+
+
+def test_any_cache_manager_plugs_into_the_one_forward():
+    """The mixer's forward updates and evicts through whatever manager is plugged in: keeping the last
+    3 tokens and decoding one token at a time is sliding-window attention over 4 tokens."""
+    mixer = build()
+    mixer.set_cache_policy(RecentOnly(3))
+    reference = gatelab.make_mixer("sliding_window", d_model=64, n_heads=4, window=4, sinks=0).eval()
+    reference.load_state_dict({k: v for k, v in mixer.state_dict().items() if "cache_policy" not in k})
+    x = torch.randn(2, 11, 64)
+    with torch.no_grad():
+        decoded, state = run_decode(mixer, x, 1)
+        expected, _ = reference(x)
+    assert type(state) is KVCache and state.k.shape[1] == 3 and state.length == 11
+    assert_close("recent-only decode vs sliding window", decoded, expected, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "name, options, error, match",
+    [
+        ("streaming", {"budget": 4, "rope_by_cache_position": "no"}, TypeError, "rope_by_cache_position"),
+        ("attention_gate", {"rope_by_cache_position": 1}, TypeError, "rope_by_cache_position"),
+        ("h2o", {"budget": float("nan"), "seq_len": 10}, ValueError, "budget must be a finite number"),
+        ("streaming", {"budget": float("inf")}, ValueError, "budget must be a finite number"),
+        ("attention_gate", {"eviction_weight": float("nan")}, ValueError, "eviction_weight"),
+        ("attention_gate", {"eviction_weight": -1.0}, ValueError, "eviction_weight"),
+        ("attention_gate", {"eviction_weight": "4"}, TypeError, "eviction_weight"),
+        ("attention_gate", {"init_keep": "0.9"}, TypeError, "init_keep"),
+        ("attention_gate", {"init_keep": float("nan")}, ValueError, "init_keep"),
+    ],
+)
+def test_policy_options_are_checked(name, options, error, match):
+    with pytest.raises(error, match=match):
+        make_policy(name, build(), **options)

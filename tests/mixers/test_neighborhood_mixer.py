@@ -93,3 +93,16 @@ def test_map_errors():
         mixer(torch.randn(1, 4, 8, 32))
     with pytest.raises(ValueError, match="causal 1D"):
         mixer(torch.randn(1, 8, 8, 32), state=object())
+
+
+def test_causal_1d_state_is_checked():
+    options = dict(d_model=32, n_heads=4, spatial_dims=1, causal=True, kernel_size=3)
+    mixer = gatelab.make_mixer("neighborhood", **options).eval()
+    with torch.no_grad():
+        _, state = mixer(torch.randn(2, 5, 32))
+        assert state.signature.mechanism == "neighborhood" and state.signature.heads == 4
+        with pytest.raises(ValueError, match="batch 1.*got a state of .*batch 2"):
+            mixer(torch.randn(1, 1, 32), state=state)
+        _, softmax_state = gatelab.make_mixer("softmax", d_model=32, n_heads=4)(torch.randn(2, 5, 32))
+        with pytest.raises(ValueError, match="got a state of softmax"):  # same shapes, another mechanism
+            mixer(torch.randn(2, 1, 32), state=softmax_state)

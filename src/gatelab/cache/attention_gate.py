@@ -46,10 +46,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gatelab.mixers._attention import KVCache
+from gatelab.mixers._kv_cache import KVCache
 from gatelab.ops.softmax import softmax
 
-from .policies import MASKED, CachePolicy, PolicyCache
+from .policies import MASKED, CachePolicy, PolicyCache, check_flag, check_number
 
 
 class AttentionGate(nn.Module):
@@ -113,13 +113,14 @@ class AttentionGatePolicy(CachePolicy):
             raise ValueError(f"window must be a positive int (tokens the gate reads) or None, got {window!r}")
         if not isinstance(recent, int) or isinstance(recent, bool) or recent < 0:
             raise ValueError(f"recent must be an int >= 0 (tokens per block, 0: off), got {recent!r}")
-        if not 0 < init_keep < 1:
+        if check_number("init_keep", init_keep, 0, low_open=True) >= 1:
             raise ValueError(f"init_keep must be in (0, 1), got {init_keep!r}")
         if relaxation not in ("soft", "straight_through"):
             raise ValueError(f"relaxation must be 'soft' or 'straight_through', got {relaxation!r}")
-        self.target_keep, self.eviction_weight = float(target_keep), float(eviction_weight)
+        self.target_keep = float(target_keep)
+        self.eviction_weight = check_number("eviction_weight", eviction_weight, 0)
         self.relaxation = relaxation
-        self.rope_by_cache_position = bool(rope_by_cache_position)
+        self.rope_by_cache_position = check_flag("rope_by_cache_position", rope_by_cache_position)
         self.recent = recent
         self.gate = AttentionGate(d_model, kv_heads, heads, d_gate, window, init_keep)
         self.last_keep: torch.Tensor | None = None  # (B, Hkv) straight-through kept fractions, last forward
@@ -150,27 +151,26 @@ class AttentionGatePolicy(CachePolicy):
             raise RuntimeError("eviction_loss() needs a forward pass first")
         return self.eviction_weight * ((self.last_keep - self.target_keep) ** 2).mean()
 
-    def run(self, mixer, x, state, return_internals):
-        """With ``recent`` blocks, a call is cut at block boundaries (every query of a piece shares one block,
-        so the rows it sees take a per-row bias) and the pieces run one after another on the cache."""
-        start = 0 if state is None else getattr(state, "length", 0)
-        T = x.shape[1]
+    def cuts(self, start, T, return_internals):
+        """With ``recent`` blocks, a call is cut at block boundaries: every query of a piece shares one block,
+        so the rows it sees take a per-row bias."""
         first_end = (start // self.recent + 1) * self.recent if self.recent else start + T
         if start + T <= first_end:
-            return super().run(mixer, x, state, return_internals)
+            return [0, T]
         if return_internals:
             raise ValueError(
                 f"attention_gate with recent={self.recent} returns internals only for a call inside one block "
                 f"of {self.recent} tokens; got tokens {start}..{start + T - 1}"
             )
-        cuts = [0, *range(first_end - start, T, self.recent), T]
-        ys, keeps = [], []
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            y, state, _ = super().run(mixer, x[:, a:b], state, False)
-            ys.append(y)
-            keeps.append(self.last_keep * (b - a))
-        self.last_keep = sum(keeps) / T  # the eviction-rate loss covers the whole call
-        return torch.cat(ys, dim=1), state, {}
+        self._keeps = []
+        return [0, *range(first_end - start, T, self.recent), T]
+
+    def end_piece(self, tokens):
+        self._keeps.append(self.last_keep * tokens)
+
+    def end_call(self, tokens):
+        self.last_keep = sum(self._keeps) / tokens  # the eviction-rate loss covers the whole call
+        del self._keeps
 
     def _recent_rows(self, cache: PolicyCache, block: int) -> torch.Tensor:
         """(B, S, Hkv) bool: rows holding a token of block ``block - 1`` or later (padding excluded)."""
@@ -179,7 +179,7 @@ class AttentionGatePolicy(CachePolicy):
     def visible_bias(self, cache, positions):
         if not self.recent or cache.bias is None:
             return cache.bias
-        block = int(positions[0]) // self.recent  # run() keeps every query of a call in one block
+        block = int(positions[0]) // self.recent  # cuts() keeps every query of a piece in one block
         return cache.bias.masked_fill(self._recent_rows(cache, block), 0.0)
 
     def evict(self, cache, probs):

@@ -2,9 +2,10 @@
 hitters + recent window. "Efficient Streaming Language Models with Attention Sinks" (Xiao et al., 2024);
 "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models" (Zhang et al., 2023).
 
-A policy runs the mixer's forward (projections, RoPE, ``attend`` hook, output projection) on the kept cache
-plus the new tokens, then evicts: a chunk of T new tokens attends to every kept key and causally to
-itself, and the cache is trimmed after the chunk. Decoding token by token is the chunk of one token.
+A policy is the KVCacheManager plugged into an attention mixer's ``cache_policy`` slot: the mixer's one
+forward asks it to ``update`` the cache with the new tokens (a chunk of T new tokens attends to every kept
+key and causally to itself), runs its ``attend``, then asks it to ``evict`` (the cache is trimmed after
+the chunk). Decoding token by token is the chunk of one token.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gatelab.mixers._attention import KVCache
+from gatelab.mixers._kv_cache import KVCache, KVCacheManager
 from gatelab.ops.common.rope import apply_rope
 
 MASKED = -1e4  # additive score bias of a hidden key: exp underflows to exactly 0 in fp32 and bf16
@@ -83,13 +84,32 @@ class PolicyCache(KVCache):
             scores=take(self.scores),
             gate_state=self.gate_state,
             rope_applied=self.rope_applied,
+            signature=self.signature,
         )
+
+
+def check_flag(name: str, value) -> bool:
+    """A policy's on/off option: True or False only (``"no"`` is not False)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def check_number(name: str, value, low: float, low_open: bool = False) -> float:
+    """A finite real option >= ``low`` (> ``low`` with ``low_open``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low}, got {value!r}")
+    return float(value)
 
 
 def resolve_budget(name: str, budget, seq_len: int | None) -> int:
     """Tokens from a budget: an int >= 1, or a float fraction in (0, 1] of ``seq_len``."""
     if isinstance(budget, bool) or not isinstance(budget, int | float):
         raise TypeError(f"{name} must be an int (tokens) or a float fraction, got {type(budget).__name__}")
+    if not math.isfinite(budget):
+        raise ValueError(f"{name} must be a finite number (tokens, or a fraction in (0, 1]), got {budget!r}")
     if budget <= 0:
         raise ValueError(f"{name} must be > 0 (tokens, or a fraction in (0, 1]), got {budget!r}")
     if isinstance(budget, float):
@@ -113,10 +133,12 @@ def with_key_bias(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> tuple
     return q2, k2
 
 
-class CachePolicy(nn.Module):
-    """The full cache (every token kept); subclasses override ``token_bias`` and ``evict``."""
+class CachePolicy(KVCacheManager, nn.Module):
+    """The full cache (every token kept) as a PolicyCache; subclasses override ``token_bias``,
+    ``visible_bias`` and ``evict``."""
 
     name = "full"
+    state_cls = PolicyCache
     needs_probs = False  # evict() reads the new queries' attention probabilities
     rope_by_cache_position = False  # keys cached before RoPE, rotated at attend time by their slot
 
@@ -133,31 +155,23 @@ class CachePolicy(nn.Module):
         """cache holds the kept tokens and the new chunk; probs (B, H, T, S) of the new queries or None."""
         return cache
 
-    def run(self, mixer, x, state, return_internals):
-        c = mixer.config
-        if not c.causal:
+    def check_state(self, mixer, state, batch: int) -> None:
+        if not mixer.config.causal:
             raise ValueError(f"cache policy {self.name!r} needs a causal mixer; this one has causal=False")
-        if state is not None and not isinstance(state, PolicyCache):
-            raise TypeError(
-                f"state must be the PolicyCache this mixer returned under policy {self.name!r}, "
-                f"got {type(state).__name__}"
-            )
-        B, T, _ = x.shape
-        q, extra = mixer.split_query(mixer.q_proj(x))  # (B, T, H, D)
-        k = mixer.k_proj(x).view(B, T, c.kv_heads, c.dim)  # (B, T, Hkv, D)
-        v = mixer.v_proj(x).view(B, T, c.kv_heads, c.dim)
-        if c.qk_norm:
-            q, k = mixer.q_norm(q), mixer.k_norm(k)
-        start = 0 if state is None else state.length
-        positions = torch.arange(start, start + T, device=x.device)
+        super().check_state(mixer, state, batch)
+
+    def update(self, mixer, state, q, k, v, x, positions):
+        """The kept rows plus the new tokens (their positions, biases, the gate state), and the queries and
+        keys that see them: rotated by their slot with ``rope_by_cache_position``, and with the score bias
+        folded into an extra channel where a row is hidden or weighted."""
+        c = mixer.config
+        B, T = k.shape[:2]
         late_rope = c.rope and self.rope_by_cache_position
-        if c.rope and not late_rope:
-            q, k = apply_rope(q, positions, mixer.inv_freq), apply_rope(k, positions, mixer.inv_freq)
-        k, v = mixer.prepare_kv(k, v, x)
         bias, gate_state = self.token_bias(mixer, x, state, positions)
         new_pos = positions.view(1, T, 1).expand(B, T, c.kv_heads)
         if state is None:
-            cache = PolicyCache(k, v, T, new_pos, bias, gate_state=gate_state, rope_applied=not late_rope)
+            cache = PolicyCache(k, v, T, new_pos, bias, gate_state=gate_state, rope_applied=not late_rope,
+                                signature=mixer.state_signature(B))  # fmt: skip
         else:
             old_bias = state.bias
             if old_bias is not None or bias is not None:  # one side may have no bias: all visible
@@ -175,6 +189,7 @@ class CachePolicy(nn.Module):
                 scores=state.scores,
                 gate_state=gate_state,
                 rope_applied=state.rope_applied,
+                signature=state.signature,
             )
         keys, bias = cache.k, self.visible_bias(cache, positions)
         if late_rope:  # StreamingLLM: positions inside the cache, not in the text
@@ -186,19 +201,10 @@ class CachePolicy(nn.Module):
             keys, q = apply_rope(keys, slots, mixer.inv_freq), apply_rope(q, q_slots, mixer.inv_freq)
         if bias is not None and bool((bias != 0).any()):
             q, keys = with_key_bias(q, keys, bias)
-        want = return_internals or self.needs_probs
-        o, internals = mixer.attend(q, keys, cache.v, x, extra, want)
-        probs = internals.get("attn") if want else None
-        if self.needs_probs and probs is None:
-            raise TypeError(
-                f"cache policy {self.name!r} needs attention probabilities, but {type(mixer).__name__}.attend "
-                "returns no 'attn' internals"
-            )
-        cache = self.evict(cache, probs)
-        y = mixer.o_proj(o.reshape(B, T, -1))
-        if return_internals:
-            internals["kept_positions"] = cache.positions
-        return y, cache, internals if return_internals else {}
+        return cache, q, keys, cache.v
+
+    def internals(self, cache: PolicyCache) -> dict:
+        return {"kept_positions": cache.positions}
 
     def extra_repr(self) -> str:
         return self.name
@@ -225,7 +231,7 @@ class StreamingPolicy(CachePolicy):
                 f"window ({window}) + sinks ({sinks}) is larger than the budget ({self.budget} tokens)"
             )
         self.sinks, self.window = sinks, window
-        self.rope_by_cache_position = bool(rope_by_cache_position)
+        self.rope_by_cache_position = check_flag("rope_by_cache_position", rope_by_cache_position)
 
     def evict(self, cache, probs):
         S = cache.k.shape[1]

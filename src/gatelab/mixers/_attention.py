@@ -1,9 +1,11 @@
 """Shared machinery of the softmax-attention family: projections (GQA), optional QK-norm, RoPE, KV cache,
-output projection. Mechanisms subclass :class:`AttentionMixer` and override ``project`` / ``attend``."""
+output projection. Mechanisms subclass :class:`AttentionMixer` and override its hooks (``split_query``,
+``prepare_kv``, ``attend``); the one forward asks a :class:`KVCacheManager` to update and evict the cache."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -12,6 +14,7 @@ from gatelab.ops.common.rope import apply_rope, rope_frequencies
 from gatelab.ops.softmax import attention_probs
 
 from ._base import HeadsConfig, Mixer, gpt2_init
+from ._kv_cache import PLAIN_CACHE, KVCache, KVCacheManager
 
 
 @dataclass
@@ -27,25 +30,17 @@ class AttentionConfig(HeadsConfig):
             raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
 
 
-@dataclass
-class KVCache:
-    """Keys and values seen so far. k (B, S, Hkv, D) after RoPE, v (B, S, Hkv, V);
-    ``length`` counts the tokens seen, which give the next token's position."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> KVCache:
-        return KVCache(torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1), self.length + k.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-
 class AttentionMixer(Mixer):
+    """The softmax-family mixer: x -> q, k, v (GQA), QK-norm, RoPE, the KV cache (update), ``attend``, the
+    cache again (evict), output projection.
+
+    ``cache_policy`` is a slot for a KV-cache policy (gatelab.cache.apply_policy): a KVCacheManager module
+    that replaces ``own_cache()``. A mechanism whose attention relies on its own cache declares
+    ``accepts_cache_policy = False`` and returns that cache from ``own_cache``.
+    """
+
     config_cls = AttentionConfig
+    accepts_cache_policy: ClassVar[bool] = True
 
     def __init__(self, config: AttentionConfig):
         super().__init__(config)
@@ -86,17 +81,68 @@ class AttentionMixer(Mixer):
     def probs(self, q, k, **options) -> dict:
         return {"attn": attention_probs(q, k, causal=self.config.causal, **options)}
 
-    def new_cache(self, k, v, state: KVCache | None) -> KVCache:
-        if state is None:
-            return KVCache(k, v, k.shape[1])
-        if not isinstance(state, KVCache):
-            raise TypeError(f"state must be the KVCache this mixer returned, got {type(state).__name__}")
-        return state.append(k, v)
+    def own_cache(self) -> KVCacheManager:
+        """The cache used without a policy: the plain one, which keeps every token."""
+        return PLAIN_CACHE
+
+    @property
+    def cache_policy(self) -> KVCacheManager | None:
+        """The KV-cache policy plugged into this mixer, or None (its own cache). Set with
+        :meth:`set_cache_policy` (or by assigning the module)."""
+        return self._modules.get("cache_policy")
+
+    @cache_policy.setter
+    def cache_policy(self, policy) -> None:  # a module is stored by nn.Module.__setattr__ without this
+        self.set_cache_policy(policy)
+
+    def set_cache_policy(self, policy: KVCacheManager | None) -> None:
+        """Plug a policy module in (its parameters train and save with the mixer), or take it out (None)."""
+        if policy is None:
+            self._modules.pop("cache_policy", None)
+            return
+        self._check_policy(policy)
+        self._modules["cache_policy"] = policy  # add_module refuses a name the class defines (the property)
+
+    def check_accepts_policy(self) -> None:
+        """TypeError when this mechanism declares that its attention needs its own cache."""
+        if not self.accepts_cache_policy:
+            raise TypeError(f"{type(self).__name__} manages its own KV cache; a cache policy cannot be applied "
+                            "to it")  # fmt: skip
+
+    def _check_policy(self, policy) -> None:
+        self.check_accepts_policy()
+        if not isinstance(policy, KVCacheManager):
+            raise TypeError(
+                f"cache_policy must be a KVCacheManager (gatelab.cache), got {type(policy).__name__}"
+            )
+
+    def cache_manager(self) -> KVCacheManager:
+        """The policy, if one is set, else ``own_cache()``."""
+        policy = self.cache_policy
+        if policy is None:
+            return self.own_cache()
+        self._check_policy(policy)
+        return policy
 
     def _forward(self, x, state, return_internals):
-        policy = getattr(self, "cache_policy", None)  # set by gatelab.cache.apply_policy; None: full cache
-        if policy is not None:
-            return policy.run(self, x, state, return_internals)
+        cache = self.cache_manager()
+        B, T, _ = x.shape
+        cache.check_state(self, state, B)
+        start = 0 if state is None else state.length
+        cuts = cache.cuts(start, T, return_internals)
+        if len(cuts) == 2:
+            return self._forward_piece(cache, x, state, start, return_internals)
+        ys = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            y, state, _ = self._forward_piece(cache, x[:, a:b], state, start + a, False)
+            cache.end_piece(b - a)
+            ys.append(y)
+        cache.end_call(T)
+        return torch.cat(ys, dim=1), state, {}
+
+    def _forward_piece(self, cache: KVCacheManager, x, state, start: int, return_internals: bool):
+        """x (B, T, d_model) whose first token is at position ``start`` -> y (B, T, d_model), the cache
+        after it, internals."""
         c = self.config
         B, T, _ = x.shape
         q, extra = self.split_query(self.q_proj(x))  # (B, T, H, D)
@@ -104,15 +150,25 @@ class AttentionMixer(Mixer):
         v = self.v_proj(x).view(B, T, c.kv_heads, c.dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        start = 0 if state is None else state.length
-        if c.rope:
-            positions = torch.arange(start, start + T, device=x.device)
+        positions = torch.arange(start, start + T, device=x.device)
+        if c.rope and not cache.rope_by_cache_position:
             q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
         k, v = self.prepare_kv(k, v, x)
-        cache = self.new_cache(k, v, state)
-        o, internals = self.attend(q, cache.k, cache.v, x, extra, return_internals)
+        new_cache, q, keys, values = cache.update(self, state, q, k, v, x, positions)
+        want = return_internals or cache.needs_probs
+        o, internals = self.attend(q, keys, values, x, extra, want)
+        probs = internals.get("attn") if want else None
+        if cache.needs_probs and probs is None:
+            raise TypeError(f"cache policy {cache.name!r} needs attention probabilities, but "
+                            f"{type(self).__name__}.attend returns no 'attn' internals")  # fmt: skip
+        new_cache = cache.evict(new_cache, probs)
         y = self.o_proj(o.reshape(B, T, -1))
-        return y, cache, internals
+        if not return_internals:
+            return y, new_cache, {}
+        return y, new_cache, {**internals, **cache.internals(new_cache)}
 
     def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
         gpt2_init((self.q_proj, self.k_proj, self.v_proj), self.o_proj, std, n_layers)
+
+
+__all__ = ["AttentionConfig", "AttentionMixer", "KVCache"]

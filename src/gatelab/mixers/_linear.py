@@ -1,14 +1,17 @@
-"""What the linear-attention mixers share: the decoding state they carry between calls, the state check,
-the head-dim config and the q/k/v/o projections with their GPT-2 style init."""
+"""What the linear-attention mixers share: the decoding state they carry between calls, and the one forward
+every one of them runs (features, the op in its chunked or step form, the output, the state), each mixer
+writing only its hooks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ._base import HeadDimConfig, Mixer, gpt2_init
+from ._base import HeadDimConfig, Mixer, StateSignature, gpt2_init
 
 
 @dataclass
@@ -17,12 +20,14 @@ class RecurrentState:
 
     state: the recurrent memory, (B, H, K, V) fp32 for linear attention (or a tuple of tensors where the
     mechanism needs more, e.g. running normalisers); conv: the last inputs of short causal convolutions
-    (B, kernel - 1, C) or None; length: tokens seen so far.
+    (B, kernel - 1, C) by name; length: tokens seen so far; signature: the mechanism, batch and heads it
+    was made for.
     """
 
     state: torch.Tensor | tuple[torch.Tensor, ...]
     length: int
     conv: dict[str, torch.Tensor] = field(default_factory=dict)
+    signature: StateSignature | None = field(default=None, kw_only=True)
 
     @property
     def nbytes(self) -> int:
@@ -31,25 +36,81 @@ class RecurrentState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class LinearMixer(Mixer):
-    """Base class of the mixers whose decoding state is a RecurrentState."""
+@dataclass
+class OpInputs:
+    """What a linear mixer's ``features`` hook hands the shared forward: the op's positional ``args`` and
+    keyword ``options`` (the forward adds the state, the chunk size and the backend), the short-convolution
+    inputs to carry (``conv``) and whatever its output and internals read (``extra``)."""
 
-    def carried(self, state) -> tuple[torch.Tensor | tuple[torch.Tensor, ...] | None, int]:
-        """The op's ``initial_state`` and the number of tokens seen so far, from the state this mixer
-        returned (None: a fresh sequence)."""
+    args: tuple
+    options: dict = field(default_factory=dict)
+    conv: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+class LinearMixer(Mixer):
+    """Base class of the mixers whose decoding state is a RecurrentState. The one forward:
+
+        inputs = features(x, start, conv)                 # projections, feature maps, gates
+        o, final = op(*inputs.args, **inputs.options,     # chunked form for a prefill, step form for a token
+                      initial_state=..., chunk_size=..., backend=step_backend(x))
+        y = o_proj(gate_output(o, x, inputs))             # norm and output gate
+        state = RecurrentState(final, start + T, inputs.conv)
+
+    Subclasses set ``op`` (``staticmethod(<op>)``) and write ``features``, ``gate_output`` (default: heads
+    concatenated), ``internals`` and ``state_dims`` where their widths are not (H, D, D).
+    """
+
+    op: ClassVar[Callable]
+
+    def features(self, x: torch.Tensor, start: int, conv: dict[str, torch.Tensor]) -> OpInputs:
+        """x (B, T, d_model), its first token at position ``start``, the carried convolution inputs."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def gate_output(self, o: torch.Tensor, x: torch.Tensor, inputs: OpInputs) -> torch.Tensor:
+        """The op's output (B, T, H, V) -> the output projection's input (B, T, H * V)."""
+        return o.reshape(*o.shape[:2], -1)
+
+    def internals(self, inputs: OpInputs, state) -> dict:
+        """Diagnostics of a call (``state``: the carried state, None for a fresh sequence)."""
+        return {}
+
+    def state_dims(self) -> tuple[int, int, int]:
+        c = self.config
+        return c.n_heads, c.dim, c.dim
+
+    def carried(self, state, batch: int) -> tuple[torch.Tensor | tuple[torch.Tensor, ...] | None, int, dict]:
+        """The op's ``initial_state``, the tokens seen so far and the convolution inputs, from the state this
+        mixer returned (None: a fresh sequence)."""
         if state is None:
-            return None, 0
+            return None, 0, {}
         if not isinstance(state, RecurrentState):
             raise TypeError(
                 f"state must be the RecurrentState this mixer returned, got {type(state).__name__}"
             )
-        return state.state, state.length
+        self.state_signature(batch).check(state.signature)
+        return state.state, state.length, state.conv
 
     def step_backend(self, x: torch.Tensor) -> str:
-        """The configured backend, or "recurrent" for one token at a time (decoding) on CPU with "auto": the
-        step form computes the same function without padding a whole chunk."""
+        """The configured backend, or "recurrent" for one token at a time (decoding) of a causal mixer on CPU
+        with "auto": the step form computes the same function without padding a whole chunk."""
         backend = self.config.backend
-        return "recurrent" if backend == "auto" and x.shape[1] == 1 and not x.is_cuda else backend
+        one_step = self.config.causal and x.shape[1] == 1 and not x.is_cuda
+        return "recurrent" if backend == "auto" and one_step else backend
+
+    def _forward(self, x, state, return_internals):
+        c = self.config
+        B, T, _ = x.shape
+        initial_state, start, conv = self.carried(state, B)
+        inputs = self.features(x, start, conv)
+        o, final = self.op(*inputs.args, **inputs.options, initial_state=initial_state,
+                           output_final_state=c.causal, chunk_size=c.chunk_size,
+                           backend=self.step_backend(x))  # fmt: skip
+        y = self.o_proj(self.gate_output(o, x, inputs))
+        new_state = None
+        if c.causal:
+            new_state = RecurrentState(final, start + T, inputs.conv, signature=self.state_signature(B))
+        return y, new_state, self.internals(inputs, state) if return_internals else {}
 
 
 class QKVLinearMixer(LinearMixer):

@@ -19,7 +19,7 @@ from gatelab.ops.biformer.reference import biformer_reference
 from gatelab.ops.biformer.routing import region_grid
 from gatelab.registry import MechanismSpec, register
 
-from ._base import Mixer, MixerConfig, check_positive
+from ._base import Mixer, MixerConfig, check_input, check_positive
 
 
 @dataclass
@@ -73,14 +73,7 @@ class BiformerAttention(Mixer):
 
     def forward(self, x: torch.Tensor, state=None, *, return_internals: bool = False):
         c = self.config
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[-1] != c.d_model:
-            raise ValueError(
-                f"x must be a map of shape (B, H, W, {c.d_model}) (B, H, W, d_model), got {tuple(x.shape)}"
-            )
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        check_input(x, c.d_model, 2, "(B, H, W, d_model)")
         if state is not None:
             raise ValueError(
                 "a state (decoding) needs a causal mixer; biformer is bidirectional: pass state=None"

@@ -10,7 +10,7 @@ from gatelab.ops.flow import BACKENDS, flow, flow_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
 from ._base import HeadDimConfig, check_positive
-from ._linear import QKVLinearMixer, RecurrentState
+from ._linear import OpInputs, QKVLinearMixer
 
 
 @dataclass
@@ -31,33 +31,19 @@ class FlowAttention(QKVLinearMixer):
     """state = RecurrentState holding a FlowState (tuple of running sums) when causal."""
 
     config_cls = FlowConfig
+    op = staticmethod(flow)
 
-    def _forward(self, x, state, return_internals):
-        c = self.config
-        B, T, _ = x.shape
-        H, D = c.n_heads, c.dim
-        initial_state, start = self.carried(state)
-        q, k, v = self.project_qkv(x)  # (B, T, H, D)
-        o, final = flow(
-            q,
-            k,
-            v,
-            causal=c.causal,
-            eps=c.eps,
-            chunk_size=c.chunk_size,
-            initial_state=initial_state,
-            output_final_state=c.causal,
-            backend=c.backend,
-        )  # (B, T, H, D)
-        y = self.o_proj(o.reshape(B, T, H * D))
-        new_state = RecurrentState(final, start + T) if c.causal else None
-        internals = {}
-        if return_internals and state is None:  # the T x T view of this call (no carried past)
-            P, allocation, competition = flow_attention_matrix(
-                q.detach(), k.detach(), causal=c.causal, eps=c.eps
-            )
-            internals = {"attn": P, "gate": allocation, "competition": competition}  # gates (B, T, H)
-        return y, new_state, internals
+    def features(self, x, start, conv):
+        return OpInputs(self.project_qkv(x), {"causal": self.config.causal, "eps": self.config.eps})
+
+    def internals(self, inputs, state):
+        if state is not None:  # the T x T view covers this call only: with a carried past there is none
+            return {}
+        q, k, _ = inputs.args
+        P, allocation, competition = flow_attention_matrix(
+            q.detach(), k.detach(), causal=self.config.causal, eps=self.config.eps
+        )
+        return {"attn": P, "gate": allocation, "competition": competition}  # gates (B, T, H)
 
 
 register(

@@ -15,7 +15,7 @@ from gatelab.ops.gated_deltanet import BACKENDS, gated_deltanet, gated_deltanet_
 from gatelab.registry import MechanismSpec, register
 
 from ._base import MixerConfig, check_positive, gpt2_init
-from ._linear import LinearMixer, RecurrentState
+from ._linear import LinearMixer, OpInputs
 
 
 @dataclass
@@ -72,6 +72,7 @@ class GatedDeltaNet(LinearMixer):
     """
 
     config_cls = GatedDeltaNetConfig
+    op = staticmethod(gated_deltanet)
 
     def __init__(self, config: GatedDeltaNetConfig):
         super().__init__(config)
@@ -122,53 +123,31 @@ class GatedDeltaNet(LinearMixer):
         beta = torch.sigmoid(self.b_proj(x).float())
         return g, beta
 
-    def _check_state(self, state, B: int) -> None:
-        if state is None:
-            return
-        memory, _ = self.carried(state)
-        c = self.config
-        expected = (B, c.n_heads, c.key_dim, c.value_dim)
-        if not isinstance(memory, torch.Tensor) or tuple(memory.shape) != expected:
-            shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
-            raise ValueError(f"state.state must have shape (B, H, K, V) = {expected}, got {shape}")
-
-    def _forward(self, x, state, return_internals):
+    def features(self, x, start, conv):
         c = self.config
         B, T, _ = x.shape
         H, K, V = c.n_heads, c.key_dim, c.value_dim
-        self._check_state(state, B)
-        conv = {} if state is None else state.conv
         q, conv_q = short_conv(self.q_proj(x), self.q_conv, state=conv.get("q"), output_final_state=True)
         k, conv_k = short_conv(self.k_proj(x), self.k_conv, state=conv.get("k"), output_final_state=True)
         v, conv_v = short_conv(self.v_proj(x), self.v_conv, state=conv.get("v"), output_final_state=True)
         q = l2_normalize(q.view(B, T, H, K))  # (B, T, H, K)
         k = l2_normalize(k.view(B, T, H, K))
-        v = v.view(B, T, H, V)  # (B, T, H, V)
         g, beta = self.gates(x)  # (B, T, H) fp32
-        o, memory = gated_deltanet(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            initial_state=None if state is None else state.state,
-            output_final_state=True,
-            chunk_size=c.chunk_size,
-            backend=c.backend,
-        )  # (B, T, H, V)
-        o = self.gated_norm(o, self.g_proj(x).view(B, T, H, V))
-        y = self.o_proj(o.reshape(B, T, H * V))
-        length = T if state is None else state.length + T
-        new_state = RecurrentState(memory, length, {"q": conv_q, "k": conv_k, "v": conv_v})
-        internals = {}
-        if return_internals:
-            with torch.no_grad():
-                internals = {
-                    "gate": g.exp(),
-                    "beta": beta,
-                    "attn": gated_deltanet_attention_matrix(q.detach(), k.detach(), g, beta),
-                }
-        return y, new_state, internals
+        return OpInputs((q, k, v.view(B, T, H, V), g, beta), conv={"q": conv_q, "k": conv_k, "v": conv_v})
+
+    def gate_output(self, o, x, inputs):
+        B, T, H, V = o.shape
+        return self.gated_norm(o, self.g_proj(x).view(B, T, H, V)).reshape(B, T, H * V)
+
+    def internals(self, inputs, state):
+        q, k, _, g, beta = inputs.args
+        with torch.no_grad():
+            return {"gate": g.exp(), "beta": beta,
+                    "attn": gated_deltanet_attention_matrix(q.detach(), k.detach(), g, beta)}  # fmt: skip
+
+    def state_dims(self):
+        c = self.config
+        return c.n_heads, c.key_dim, c.value_dim
 
     def gated_norm(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm of o (B, T, H, V) times SiLU of the gate, in fp32 (the paper's output gate)."""

@@ -18,7 +18,7 @@ from gatelab.ops.gla import BACKENDS, gla, gla_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
 from ._base import MixerConfig, check_choice, check_positive, gpt2_init
-from ._linear import LinearMixer, RecurrentState
+from ._linear import LinearMixer, OpInputs
 
 
 @dataclass
@@ -63,6 +63,7 @@ class GatedLinearAttention(LinearMixer):
     decoding state is a RecurrentState holding the (B, H, K, V) fp32 memory."""
 
     config_cls = GlaConfig
+    op = staticmethod(gla)
 
     def __init__(self, config: GlaConfig):
         super().__init__(config)
@@ -82,33 +83,28 @@ class GatedLinearAttention(LinearMixer):
         logits = self.gate_up(self.gate_down(x)).float()
         return (F.logsigmoid(logits) / self.config.gate_normalizer).view(B, T, self.config.n_heads, -1)
 
-    def _forward(self, x, state, return_internals):
-        c = self.config
+    def features(self, x, start, conv):
         B, T, _ = x.shape
-        H = c.n_heads
-        initial_state, start = self.carried(state)
+        H = self.config.n_heads
         q = self.q_proj(x).view(B, T, H, -1)  # (B, T, H, K)
         k = self.k_proj(x).view(B, T, H, -1)
         v = self.v_proj(x).view(B, T, H, -1)  # (B, T, H, V)
-        g = self.log_forget_gate(x)  # (B, T, H, K) fp32
-        o, final = gla(
-            q,
-            k,
-            v,
-            g,
-            initial_state=initial_state,
-            output_final_state=True,
-            chunk_size=c.chunk_size,
-            backend=self.step_backend(x),
-        )  # (B, T, H, V)
-        o = self.norm(o) * F.silu(self.r_proj(x).view(B, T, H, -1))
-        y = self.o_proj(o.reshape(B, T, -1))
-        internals = {}
-        if return_internals:
-            internals["gate"] = g.detach().exp()  # alpha (B, T, H, K)
-            if state is None:  # the T x T operator of this call; with a carried state the past is not in it
-                internals["attn"] = gla_attention_matrix(q.detach(), k.detach(), g.detach())  # (B, H, T, T)
-        return y, RecurrentState(final, start + T), internals
+        return OpInputs((q, k, v, self.log_forget_gate(x)))  # gate (B, T, H, K) fp32
+
+    def gate_output(self, o, x, inputs):
+        B, T, H, _ = o.shape
+        return (self.norm(o) * F.silu(self.r_proj(x).view(B, T, H, -1))).reshape(B, T, -1)
+
+    def internals(self, inputs, state):
+        q, k, _, g = (t.detach() for t in inputs.args)
+        internals = {"gate": g.exp()}  # alpha (B, T, H, K)
+        if state is None:  # the T x T operator of this call; with a carried state the past is not in it
+            internals["attn"] = gla_attention_matrix(q, k, g)  # (B, H, T, T)
+        return internals
+
+    def state_dims(self):
+        c = self.config
+        return c.n_heads, c.key_dim // c.n_heads, c.value_dim // c.n_heads
 
     def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
         """GPT-2 style init for the projections; the forget gate keeps PyTorch's default init."""

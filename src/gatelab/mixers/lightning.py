@@ -21,7 +21,7 @@ from gatelab.ops.lightning import BACKENDS, alibi_slopes, lightning, lightning_a
 from gatelab.registry import MechanismSpec, register
 
 from ._base import HeadDimConfig, check_choice, check_positive, gpt2_init
-from ._linear import LinearMixer, RecurrentState
+from ._linear import LinearMixer, OpInputs
 
 OUTPUT_GATES = ("linear", "sigmoid")
 
@@ -60,6 +60,7 @@ class LightningAttention(LinearMixer):
     state is a RecurrentState holding the (B, H, D, D) fp32 memory."""
 
     config_cls = LightningConfig
+    op = staticmethod(lightning)
 
     def __init__(self, config: LightningConfig):
         super().__init__(config)
@@ -72,36 +73,25 @@ class LightningAttention(LinearMixer):
             "log_decay", lightning_log_decay(c.n_heads, c.layer_idx, c.n_layers), persistent=False
         )
 
-    def _forward(self, x, state, return_internals):
+    def features(self, x, start, conv):
         c = self.config
         B, T, _ = x.shape
         H, D = c.n_heads, c.dim
-        initial_state, start = self.carried(state)
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # (B, T, H*D) each
         q, k = F.silu(q).view(B, T, H, D), F.silu(k).view(B, T, H, D)
-        v = v.view(B, T, H, D)
-        o, final = lightning(
-            q,
-            k,
-            v,
-            self.log_decay,
-            scale=1.0,  # TransNormerLLM does not scale q k^T
-            initial_state=initial_state,
-            output_final_state=True,
-            chunk_size=c.chunk_size,
-            backend=self.step_backend(x),
-        )  # (B, T, H, D)
         gate = torch.sigmoid(u) if c.output_gate == "sigmoid" else u  # (B, T, H*D)
-        y = self.o_proj(self.norm(o.reshape(B, T, H * D)) * gate)
-        internals = {}
-        if return_internals:
-            internals["gate"] = gate.detach().view(B, T, H, D)
-            internals["decay"] = self.log_decay.exp()  # lambda_h (H,)
-            if state is None:  # the T x T operator of this call; with a carried state the past is not in it
-                internals["attn"] = lightning_attention_matrix(
-                    q.detach(), k.detach(), self.log_decay, scale=1.0
-                )
-        return y, RecurrentState(final, start + T), internals
+        # TransNormerLLM does not scale q k^T
+        return OpInputs((q, k, v.view(B, T, H, D), self.log_decay), {"scale": 1.0}, extra={"gate": gate})
+
+    def gate_output(self, o, x, inputs):
+        return self.norm(o.reshape(*o.shape[:2], -1)) * inputs.extra["gate"]
+
+    def internals(self, inputs, state):
+        q, k = inputs.args[0].detach(), inputs.args[1].detach()
+        internals = {"gate": inputs.extra["gate"].detach().view(q.shape), "decay": self.log_decay.exp()}
+        if state is None:  # the T x T operator of this call; with a carried state the past is not in it
+            internals["attn"] = lightning_attention_matrix(q, k, self.log_decay, scale=1.0)
+        return internals
 
     def reset_parameters(self, std: float = 0.02, n_layers: int = 1) -> None:
         """GPT-2 style init: N(0, std), the output projection scaled by 1/sqrt(2 * n_layers)."""

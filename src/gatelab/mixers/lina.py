@@ -20,7 +20,7 @@ from gatelab.ops.lina import BACKENDS, FEATURE_MAPS, lina, lina_attention_matrix
 from gatelab.registry import MechanismSpec, register
 
 from ._base import HeadDimConfig, check_positive
-from ._linear import QKVLinearMixer, RecurrentState
+from ._linear import OpInputs, QKVLinearMixer
 
 GATES = ("kv", "input", "none")
 
@@ -50,6 +50,7 @@ class LinaAttention(QKVLinearMixer):
     (B, H, K, V+1) sums (S and the normaliser z) when causal."""
 
     config_cls = LinaConfig
+    op = staticmethod(lina)
 
     def __init__(self, config: LinaConfig):
         super().__init__(config)
@@ -80,43 +81,30 @@ class LinaAttention(QKVLinearMixer):
         scales = lambda p: p[:, start : start + T].t()[None].expand(B, T, c.n_heads)  # (B, T, H)
         return scales(self.key_scale), scales(self.value_scale)
 
-    def _forward(self, x, state, return_internals):
+    def features(self, x, start, conv):
         c = self.config
-        B, T, _ = x.shape
-        H, D = c.n_heads, c.dim
-        initial_state, start = self.carried(state)
         q, k, v = self.project_qkv(x)  # (B, T, H, D)
         key_gate, value_gate = self.gates(x, start)
         if key_gate is not None:
             key_gate, value_gate = key_gate.to(q.dtype), value_gate.to(q.dtype)
-        o, final = lina(
-            q,
-            k,
-            v,
-            key_gate=key_gate,
-            value_gate=value_gate,
-            causal=c.causal,
-            feature_map=c.feature_map,
-            eps=c.eps,
-            chunk_size=c.chunk_size,
-            initial_state=initial_state,
-            output_final_state=c.causal,
-            backend=c.backend,
-        )  # (B, T, H, D)
-        y = self.o_proj(o.reshape(B, T, H * D))
-        new_state = RecurrentState(final, start + T) if c.causal else None
-        internals = {}
-        if return_internals:
-            ones = torch.ones(B, T, H, device=x.device)
-            gk = ones if key_gate is None else key_gate.detach().float()
-            gv = ones if value_gate is None else value_gate.detach().float()
-            internals["gate"] = torch.stack([gk, gv], dim=-1)  # (B, T, H, 2): key gate, value gate
-            if state is None:  # the T x T matrix of this call; with a carried state the past is not in it
-                P = lina_attention_matrix(
-                    q.detach(), k.detach(), gk, causal=c.causal, feature_map=c.feature_map, eps=c.eps
-                )
-                internals["attn"] = P * gv.permute(0, 2, 1)[:, :, None, :]  # o_t = sum_s attn[t, s] v_s
-        return y, new_state, internals
+        options = dict(key_gate=key_gate, value_gate=value_gate, causal=c.causal, feature_map=c.feature_map,
+                       eps=c.eps)  # fmt: skip
+        return OpInputs((q, k, v), options)
+
+    def internals(self, inputs, state):
+        c = self.config
+        q, k, _ = inputs.args
+        key_gate, value_gate = inputs.options["key_gate"], inputs.options["value_gate"]
+        ones = torch.ones(q.shape[:3], device=q.device)  # (B, T, H)
+        gk = ones if key_gate is None else key_gate.detach().float()
+        gv = ones if value_gate is None else value_gate.detach().float()
+        internals = {"gate": torch.stack([gk, gv], dim=-1)}  # (B, T, H, 2): key gate, value gate
+        if state is None:  # the T x T matrix of this call; with a carried state the past is not in it
+            P = lina_attention_matrix(
+                q.detach(), k.detach(), gk, causal=c.causal, feature_map=c.feature_map, eps=c.eps
+            )
+            internals["attn"] = P * gv.permute(0, 2, 1)[:, :, None, :]  # o_t = sum_s attn[t, s] v_s
+        return internals
 
 
 register(

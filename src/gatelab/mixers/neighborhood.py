@@ -15,8 +15,8 @@ from gatelab.ops.neighborhood import BACKENDS, full_mask, neighborhood, neighbor
 from gatelab.ops.neighborhood.reference import neighborhood_reference, neighborhood_sdpa
 from gatelab.registry import MechanismSpec, register
 
-from ._attention import KVCache
-from ._base import HeadsConfig, Mixer
+from ._base import HeadsConfig, Mixer, check_input
+from ._kv_cache import PLAIN_CACHE
 
 
 @dataclass
@@ -92,14 +92,7 @@ class NeighborhoodAttention(Mixer):
     def forward(self, x: torch.Tensor, state=None, *, return_internals: bool = False):
         c = self.config
         layout = "(B, T, d_model)" if c.spatial_dims == 1 else f"(B, *{c.spatial_dims} spatial dims, d_model)"
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != c.spatial_dims + 2 or x.shape[-1] != c.d_model:
-            raise ValueError(f"x must have shape {layout} with d_model={c.d_model}, got {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        if x[0, ..., 0].numel() == 0:
-            raise ValueError(f"x must hold at least one token, got {tuple(x.shape)}")
+        check_input(x, c.d_model, c.spatial_dims, layout)
         if state is not None and not c.sequence:
             raise ValueError("a state (decoding) needs a causal 1D mixer (spatial_dims=1, causal=True)")
         y, state, internals = self._forward(x, state, return_internals)
@@ -152,22 +145,17 @@ class NeighborhoodAttention(Mixer):
     def _attend_sequence(self, q, k, v, extra_k, extra_v, state, want_internals):
         """Causal 1D: keys in (p - kernel * dilation, p] of the query's dilation group, any length."""
         c = self.config
-        T = q.shape[1]
+        B, T = q.shape[:2]
+        PLAIN_CACHE.check_state(self, state, B)
         start = 0 if state is None else state.length
+        positions = torch.arange(start, start + T, device=q.device)
         if c.rope:
-            positions = torch.arange(start, start + T, device=q.device)
             q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
-        if state is None:
-            cache = KVCache(k, v, T)
-        elif not isinstance(state, KVCache):
-            raise TypeError(f"state must be the KVCache this mixer returned, got {type(state).__name__}")
-        else:
-            cache = state.append(k, v)
-        S = cache.k.shape[1]
+        cache, q, keys, values = PLAIN_CACHE.update(self, state, q, k, v, None, positions)
+        S = keys.shape[1]
         pos_q = torch.arange(S - T, S, device=q.device)[:, None]
         pos_k = torch.arange(S, device=q.device)[None, :]
         mask = visible_1d(pos_q, pos_k, S, c.kernel_size[0], 1, c.dilation[0], True)  # (T, S)
-        keys, values = cache.k, cache.v
         if extra_k is not None:
             keys, values = torch.cat([keys, extra_k], dim=1), torch.cat([values, extra_v], dim=1)
             mask = torch.cat([mask, mask.new_ones(T, c.n_global)], dim=1)

@@ -11,8 +11,9 @@ import torch
 from gatelab.ops.sliding_window import BACKENDS, sliding_window
 from gatelab.registry import MechanismSpec, register
 
-from ._attention import AttentionConfig, AttentionMixer, KVCache
+from ._attention import AttentionConfig, AttentionMixer
 from ._base import check_positive
+from ._kv_cache import KVCache, KVCacheManager
 
 
 @dataclass
@@ -29,19 +30,15 @@ class SlidingWindowConfig(AttentionConfig):
             raise ValueError("sliding_window is a causal (decoder) mixer; causal=False is not supported")
 
 
-class SlidingWindowAttention(AttentionMixer):
-    config_cls = SlidingWindowConfig
+class SinksAndWindowCache(KVCacheManager):
+    """Keep the sinks and the last window - 1 keys: all that any later token can see. The kept keys are no
+    longer contiguous, but the mask only compares positions inside the recent run (whose differences are
+    unchanged) and indices below ``sinks`` (still the sinks), so the attention is unchanged."""
 
-    def attend(self, q, k, v, x, extra, want_internals):
-        c = self.config
-        o = sliding_window(q, k, v, window=c.window, sinks=c.sinks, backend=c.backend)
-        internals = self.probs(q, k, window=c.window, sinks=c.sinks) if want_internals else {}
-        return o, internals
+    def __init__(self, config: SlidingWindowConfig):
+        self.config = config
 
-    def trim(self, cache: KVCache) -> KVCache:
-        """Keep the sinks and the last window - 1 keys: all that any later token can see. The kept keys are
-        no longer contiguous, but the mask only compares positions inside the recent run (whose differences
-        are unchanged) and indices below ``sinks`` (still the sinks), so the attention is unchanged."""
+    def evict(self, cache: KVCache, probs) -> KVCache:
         c = self.config
         recent = c.window - 1
         S = cache.k.shape[1]
@@ -49,11 +46,24 @@ class SlidingWindowAttention(AttentionMixer):
             return cache
         keep_k = [cache.k[:, : c.sinks]] + ([cache.k[:, S - recent :]] if recent else [])
         keep_v = [cache.v[:, : c.sinks]] + ([cache.v[:, S - recent :]] if recent else [])
-        return KVCache(torch.cat(keep_k, dim=1), torch.cat(keep_v, dim=1), cache.length)
+        return KVCache(torch.cat(keep_k, dim=1), torch.cat(keep_v, dim=1), cache.length,
+                       signature=cache.signature)  # fmt: skip
 
-    def _forward(self, x, state, return_internals):
-        y, cache, internals = super()._forward(x, state, return_internals)
-        return y, self.trim(cache), internals
+
+class SlidingWindowAttention(AttentionMixer):
+    config_cls = SlidingWindowConfig
+    accepts_cache_policy = (
+        False  # ``attend`` reads the kept keys as sinks + a recent run: a policy's would not be
+    )
+
+    def attend(self, q, k, v, x, extra, want_internals):
+        c = self.config
+        o = sliding_window(q, k, v, window=c.window, sinks=c.sinks, backend=c.backend)
+        internals = self.probs(q, k, window=c.window, sinks=c.sinks) if want_internals else {}
+        return o, internals
+
+    def own_cache(self) -> KVCacheManager:
+        return SinksAndWindowCache(self.config)
 
     def cache_bytes(self, batch: int, dtype_bytes: int = 4) -> int:
         """Bytes the decoding cache holds at most: (sinks + window - 1) keys and values per sequence."""
