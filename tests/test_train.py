@@ -69,7 +69,10 @@ def test_training_learns_and_writes_files(tmp_path):
     assert summary["task"]["name"] == "mqar" and summary["final"] == result.final
     loaded = LM.load(tmp_path)  # the final model is saved in out_dir
     assert task.evaluate(loaded, n_batches=1, batch_size=8) == pytest.approx(result.final)
-    assert not (tmp_path / "checkpoint.tmp").exists() and (tmp_path / "checkpoint" / "trainer.pt").is_file()
+    assert not (tmp_path / "checkpoint.tmp").exists()
+    # the checkpoint holds no pickle: tensors in safetensors, the rest in JSON, checksums last
+    files = {p.name for p in (tmp_path / "checkpoint").iterdir()}
+    assert files == {"model.safetensors", "config.json", "trainer.safetensors", "trainer.json", "manifest.json"}
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -5,11 +5,14 @@ Everything the lab writes into a run folder goes through here, so each rule live
 - ``atomic_write_text`` / ``atomic_write_bytes``: a reader (or a crash) sees the old file or the new one,
   never half of one (write to a temporary file in the same folder, fsync, ``os.replace``).
 - ``locked(run_dir)``: an exclusive, non-blocking ``flock`` on ``run_dir/.gatelab.lock`` for the duration of
-  a command; a second process aiming at the same folder is refused at once, naming the holder's pid.
+  a command; a second process aiming at the same folder is refused at once, naming the holder's pid (within
+  one process the lock nests: a command and the trainer it calls may both take it).
 - ``refuse_existing(run_dir, names, overwrite=...)``: a command that would replace earlier results refuses
   unless asked to overwrite (or to resume).
 - ``write_manifest`` / ``verify_manifest``: sha256 of a folder's files in ``manifest.json``, written last
   (atomically); ``verify_manifest`` raises :class:`IntegrityError` naming the first file that differs.
+- ``read_json`` / ``read_safetensors``: a torn or foreign file gives an :class:`IntegrityError` naming it,
+  not a bare decoder error.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 LOCK_NAME = ".gatelab.lock"
 MANIFEST = "manifest.json"
+_HELD: dict[Path, int] = {}  # folders whose lock this process holds -> nesting depth
 
 
 class IntegrityError(ValueError):
@@ -73,8 +77,17 @@ def check_writable(folder: str | Path, what: str = "out") -> Path:
 
 @contextlib.contextmanager
 def locked(run_dir: str | Path) -> Iterator[Path]:
-    """Hold the run folder for this process; a second holder gets :class:`RunDirBusy` at once."""
+    """Hold the run folder for this process; a second holder gets :class:`RunDirBusy` at once. Nested calls
+    for the same folder in one process share the lock (flock would refuse the second descriptor)."""
     run_dir = check_writable(run_dir)
+    key = run_dir.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield run_dir
+        finally:
+            _HELD[key] -= 1
+        return
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -88,7 +101,11 @@ def locked(run_dir: str | Path) -> Iterator[Path]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield run_dir
+        _HELD[key] = 1
+        try:
+            yield run_dir
+        finally:
+            del _HELD[key]
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
@@ -147,3 +164,30 @@ def verify_manifest(folder: str | Path, *, required: bool = True) -> dict[str, d
                 f"{str(target)!r} changed since it was written (sha256 differs from {MANIFEST})"
             )
     return files
+
+
+def read_json(path: str | Path):
+    """The JSON value in ``path``; :class:`IntegrityError` naming the file when it is torn or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{str(path)!r} is not a text file (torn or not written by gatelab)") from None
+    except json.JSONDecodeError as e:
+        raise IntegrityError(
+            f"{str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}): torn or edited"
+        ) from None
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict:
+    """The tensors of a safetensors file; :class:`IntegrityError` naming the file when it is truncated,
+    torn or not a safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise IntegrityError(
+            f"{str(path)!r} cannot be read as safetensors ({e}): truncated or torn"
+        ) from None
