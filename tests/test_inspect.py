@@ -45,7 +45,9 @@ def test_a_malformed_summary_is_named_and_the_others_go_on(run, capsys):
     assert "train_summary.json" in error and "not valid JSON" in error and "--task" in error
     assert "1 of 2 model(s) could not be inspected" in err
     # with --task the model is inspected all the same (on that task's defaults), and the summary is said
-    LM(LMConfig(vocab_size=128, d_model=16, n_layers=1, n_heads=2, max_seq_len=128)).save(run / "models" / "a")
+    LM(LMConfig(vocab_size=128, d_model=16, n_layers=1, n_heads=2, max_seq_len=128)).save(
+        run / "models" / "a"
+    )
     rc, results, err = inspect(run, capsys, "--task", "idle", "--models", "a")
     assert rc == 0 and "layers" in results[str(run / "models" / "a")]
     assert "train_summary.json" in err and "default options" in err

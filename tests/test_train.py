@@ -207,7 +207,11 @@ def test_resume_of_another_run_is_refused_naming_each_field(tmp_path):
     with pytest.raises(ValueError, match=r"model\.pattern: 'softmax' in the checkpoint, 'gla' now"):
         train(other, task, config(tmp_path, steps=8, resume=True))
     with pytest.raises(ValueError, match=r"task\.name: 'mqar'"):
-        train(tiny(), make_task("idle", vocab_size=40, seq_len=16, n_pairs=1, n_queries=1), config(tmp_path, steps=8, resume=True))
+        train(
+            tiny(),
+            make_task("idle", vocab_size=40, seq_len=16, n_pairs=1, n_queries=1),
+            config(tmp_path, steps=8, resume=True),
+        )
     # where and how far it runs may change: stop, checkpoint cadence, progress, the model's init seed
     rest = train(tiny(seed=4), task, config(tmp_path, steps=8, resume=True, stop_after=6, checkpoint_every=1))
     assert rest.steps == 6
