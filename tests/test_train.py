@@ -277,7 +277,9 @@ def test_cli_device_and_numbers_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_progress_bar_is_rich_on_stderr(tmp_path, capsys):
+def test_progress_bar_is_rich_on_stderr(tmp_path, capsys, monkeypatch):
+    for name in ("tqdm", "tqdm.auto"):  # not a declared dependency: the bar must not need it
+        monkeypatch.setitem(sys.modules, name, None)
     train(tiny(), make_task("mqar", **TASK), config(steps=3, eval_every=0, progress=True))
     err = capsys.readouterr().err
     assert "train mqar" in err and "3/3" in err and "loss" in err
