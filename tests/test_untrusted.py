@@ -217,3 +217,14 @@ def test_inspect_names_a_crafted_task_and_goes_on(tmp_path, capsys):
     assert (
         "unknown task" in results[str(bad)]["error"] and "layers" in results[str(tmp_path / "run/models/a")]
     )
+
+
+@pytest.mark.parametrize("corpus", ["../../../../etc/passwd", "/etc/passwd", "~/.ssh/id_rsa"])
+def test_task_of_never_reads_a_corpus_only_the_summary_names(tmp_path, corpus):
+    from gatelab.lab.inspect import task_of
+
+    (tmp_path / "train_summary.json").write_text(
+        json.dumps({"task": {"name": "text"}, "task_options": {"corpus": corpus, "seq_len": 16}})
+    )
+    with pytest.raises(ValueError, match="inspect reads no path a run folder names unless told to"):
+        task_of(tmp_path, None)

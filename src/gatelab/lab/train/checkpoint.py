@@ -49,7 +49,8 @@ def _set_rng_state(tensors: dict, values: dict, generator: torch.Generator) -> N
     torch.set_rng_state(tensors["rng/torch"])
     version, internal, gauss = values["python"]
     random.setstate((version, tuple(internal), gauss))
-    cuda = [tensors[f"rng/cuda/{i}"] for i in range(len(tensors)) if f"rng/cuda/{i}" in tensors]
+    cuda = sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
+    cuda = [tensors[k] for k in cuda]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 

@@ -136,26 +136,9 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
         n_labels = int((targets != IGNORE).sum())
         inputs = inputs[ranks.rank * local : (ranks.rank + 1) * local].to(device)
         targets = targets[ranks.rank * local : (ranks.rank + 1) * local].to(device)
-        with autocast:
-            logits = forward(inputs)[0]
-        loss_sum = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        loss, terms = _step(
+            forward, model, optimizer, inputs, targets, n_labels, config, ranks, autocast, extra_losses
         )
-        # DDP averages gradients over ranks: scale so the average is the gradient of the global mean.
-        # Extra terms (an attention gate's eviction-rate loss) are means per rank, averaged the same way.
-        total = loss_sum * (ranks.world / max(n_labels, 1))
-        terms = {name: term_value(name, fn(model)) for name, fn in extra_losses.items()}
-        for value in terms.values():
-            total = total + value
-        total.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum.detach()
-        if ranks.world > 1:
-            dist.all_reduce(loss)
-        loss = loss.item() / max(n_labels, 1)
         dt = time.perf_counter() - t0
         train_time += dt
         tokens += inputs.numel() * ranks.world
@@ -214,17 +197,48 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
         save_checkpoint(out_dir, raw_model, optimizer, end, generator, spec)
     if writer and finished:
         raw_model.save(out_dir)
-        summary = {k: v for k, v in asdict(result).items() if k != "history"}
-        summary.update(
-            train_config=asdict(config),
-            task=task.describe(),
-            task_options=task.options,
-            world_size=ranks.world,
-            resumed_from_step=start,
-        )
-        atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str))
+        _write_summary(out_dir, result, config, task, ranks.world, start)
     ranks.barrier()
     return result
+
+
+def _step(forward, model, optimizer, inputs, targets, n_labels, config, ranks, autocast, extra_losses):
+    """One optimizer step on this rank's slice (inputs, targets (B / world, T)) of the global batch, whose
+    labelled tokens number ``n_labels``; returns the global mean cross-entropy and the extra terms."""
+    with autocast:
+        logits = forward(inputs)[0]
+    loss_sum = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    # DDP averages gradients over ranks: scale so the average is the gradient of the global mean.
+    # Extra terms (an attention gate's eviction-rate loss) are means per rank, averaged the same way.
+    total = loss_sum * (ranks.world / max(n_labels, 1))
+    terms = {name: term_value(name, fn(model)) for name, fn in extra_losses.items()}
+    for value in terms.values():
+        total = total + value
+    total.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_sum.detach()
+    if ranks.world > 1:
+        dist.all_reduce(loss)
+    return loss.item() / max(n_labels, 1), terms
+
+
+def _write_summary(
+    out_dir: Path, result: TrainResult, config: TrainConfig, task: Task, world: int, start: int
+):
+    summary = {k: v for k, v in asdict(result).items() if k != "history"}
+    summary.update(
+        train_config=asdict(config),
+        task=task.describe(),
+        task_options=task.options,
+        world_size=world,
+        resumed_from_step=start,
+    )
+    atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str))
 
 
 def _term_values(terms: dict, ranks: Ranks) -> dict[str, float]:
