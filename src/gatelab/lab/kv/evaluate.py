@@ -131,7 +131,9 @@ def _tune(tuned, task, steps: int, batch_size: int, seed: int, *, gates: list, g
         [{"params": rest, "lr": lr, "weight_decay": 0.0}] if lr > 0 else []
     )
     if not groups or max(lr, gate_lr) <= 0:
-        raise ValueError("nothing to fine-tune: no gates and lr <= 0")
+        raise ValueError(
+            f"nothing to fine-tune: {len(gates)} gate parameters at gate_lr {gate_lr}, the LM at lr {lr}"
+        )
     history = []
     if steps:
         device = next(tuned.parameters()).device
