@@ -27,9 +27,7 @@ class TrainConfig:
     out_dir: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when out_dir is given)
     resume: bool = False
-    overwrite: bool = (
-        False  # replace an earlier run in out_dir (without it or resume, such a folder is refused)
-    )
+    overwrite: bool = False  # replace an earlier run in out_dir (refused without this or resume)
     progress: bool = True
     compile: bool = False
     autocast: bool = True  # bf16 autocast on CUDA (False: fp32 everywhere); no effect on CPU
