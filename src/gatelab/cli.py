@@ -80,8 +80,6 @@ def _load_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gatelab.lab.rundir import RunDirBusy
-
     _load_commands()
     parser = argparse.ArgumentParser(
         prog="gatelab", description="gated and efficient attention: mechanisms and lab"
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RunDirBusy) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"gatelab {args.command}: error: {error}", file=sys.stderr)
         return 2
 
