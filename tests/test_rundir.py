@@ -2,6 +2,7 @@
 second process), the refusal to overwrite, manifests, and readers whose errors name the file."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,9 +38,10 @@ def hold_lock_in_another_process(folder):
     return holder
 
 
-def test_the_lock_refuses_a_second_process_and_nests_in_one(tmp_path):
-    with rundir.locked(tmp_path), rundir.locked(tmp_path / "."):  # a command and the trainer it calls
-        pass
+def test_the_lock_refuses_a_second_holder(tmp_path):
+    with rundir.locked(tmp_path):
+        with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"), rundir.locked(tmp_path / "."):
+            pass
     holder = hold_lock_in_another_process(tmp_path)
     try:
         with pytest.raises(RunDirBusy, match=rf"in use by another gatelab process \(pid {holder.pid}\)"):

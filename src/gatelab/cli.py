@@ -90,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(p)
         p.set_defaults(_run=fn)
     args = parser.parse_args(argv)
+    from gatelab.lab.rundir import RunDirBusy
+
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RunDirBusy) as error:
+        # the library's refusals (bad input, a run folder in use or holding an earlier run): one line, exit 2
         print(f"gatelab {args.command}: error: {error}", file=sys.stderr)
         return 2
 

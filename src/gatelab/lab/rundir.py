@@ -5,8 +5,7 @@ Everything the lab writes into a run folder goes through here, so each rule live
 - ``atomic_write_text`` / ``atomic_write_bytes``: a reader (or a crash) sees the old file or the new one,
   never half of one (write to a temporary file in the same folder, fsync, ``os.replace``).
 - ``locked(run_dir)``: an exclusive, non-blocking ``flock`` on ``run_dir/.gatelab.lock`` for the duration of
-  a command; a second process aiming at the same folder is refused at once, naming the holder's pid (within
-  one process the lock nests: a command and the trainer it calls may both take it).
+  a command; a second process aiming at the same folder is refused at once, naming the holder's pid.
 - ``refuse_existing(run_dir, names, overwrite=...)``: a command that would replace earlier results refuses
   unless asked to overwrite (or to resume).
 - ``write_manifest`` / ``verify_manifest``: sha256 of a folder's files in ``manifest.json``, written last
@@ -28,7 +27,6 @@ from pathlib import Path
 
 LOCK_NAME = ".gatelab.lock"
 MANIFEST = "manifest.json"
-_HELD: dict[Path, int] = {}  # folders whose lock this process holds -> nesting depth
 
 
 class IntegrityError(ValueError):
@@ -77,17 +75,8 @@ def check_writable(folder: str | Path, what: str = "out") -> Path:
 
 @contextlib.contextmanager
 def locked(run_dir: str | Path) -> Iterator[Path]:
-    """Hold the run folder for this process; a second holder gets :class:`RunDirBusy` at once. Nested calls
-    for the same folder in one process share the lock (flock would refuse the second descriptor)."""
+    """Hold the run folder for this process; a second holder gets :class:`RunDirBusy` at once."""
     run_dir = check_writable(run_dir)
-    key = run_dir.resolve()
-    if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield run_dir
-        finally:
-            _HELD[key] -= 1
-        return
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -101,11 +90,7 @@ def locked(run_dir: str | Path) -> Iterator[Path]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _HELD[key] = 1
-        try:
-            yield run_dir
-        finally:
-            del _HELD[key]
+        yield run_dir
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
