@@ -5,56 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from gatelab.cli import command
+from gatelab.lab.inspect import check_inside, find_model_dirs, task_of
 
-
-def find_model_dirs(path: str | Path, pattern: str = "*") -> list[Path]:
-    """Model folders under ``path``: itself if it holds config.json + model.safetensors, else those in
-    ``path/models/`` (a compare run) or ``path/`` whose names match ``pattern``; a clear error when there
-    are none."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run or model folder")
-
-    def is_model(p: Path) -> bool:
-        return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
-
-    if is_model(path):
-        return [path]
-    for parent in (path / "models", path):
-        found = (
-            sorted(p for p in parent.glob(pattern) if p.is_dir() and is_model(p)) if parent.is_dir() else []
-        )
-        if found:
-            return found
-    raise FileNotFoundError(
-        f"{path} holds no saved model matching {pattern!r}: expected config.json and model.safetensors in it, "
-        "or model folders in its models/ (as gatelab compare writes)"
-    )
-
-
-def task_of(model_dir: Path, override: str | None, cache: dict | None = None):
-    """The task a model was trained on, from the train_summary.json the trainer wrote next to it
-    (built once per distinct task and options when ``cache`` is given)."""
-    from gatelab.lab.tasks import make_task
-
-    summary_path = model_dir / "train_summary.json"
-    options: dict = {}
-    name = override
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if name is None or name == summary.get("task", {}).get("name"):
-            name = summary.get("task", {}).get("name")
-            options = summary.get("task_options") or {}
-    if name is None:
-        raise ValueError(f"{model_dir}: no train_summary.json says which task it was trained on; give --task")
-    cache = {} if cache is None else cache
-    key = (name, json.dumps(options, sort_keys=True, default=str))
-    if key not in cache:
-        cache[key] = make_task(name, **options)
-    return cache[key]
+__all__ = ["cmd_inspect", "find_model_dirs", "print_diagnostics", "task_of"]
 
 
 def _fmt(value, spec: str) -> str:
@@ -108,6 +65,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models", default="*", help="in a run folder, only model folders matching this glob"
     )
+    parser.add_argument(
+        "--corpus", default=None,
+        help="text task: the corpus to evaluate on (a corpus path a run folder names is never read otherwise)",
+    )  # fmt: skip
     parser.add_argument("--batches", type=int, default=4, help="validation batches (default 4)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation batches")
@@ -132,20 +93,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console = Console()
     if console.width < 160 and not console.is_terminal:
         console = Console(width=160)
-    everything, tasks = {}, {}
-    for model_dir in find_model_dirs(args.run, args.models):
-        model = LM.load(model_dir, device=args.device)
-        task = task_of(model_dir, args.task, tasks)
-        if task.vocab_size > model.config.vocab_size:
-            raise ValueError(
-                f"{model_dir}: task {task.name!r} has vocab_size {task.vocab_size}, the model only "
-                f"{model.config.vocab_size}"
-            )
-        batches = task.eval_batches(args.batches, args.batch_size, seed=args.seed)
-        result = diagnose(model, batches, quantization=not args.no_quant)
+    everything, tasks, failed = {}, {}, 0
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    model_dirs = find_model_dirs(args.run, args.models)
+    for model_dir in model_dirs:
+        try:  # one bad model (torn file, unreadable summary, foreign corpus) must not hide the others
+            check_inside(model_dir, Path(args.run))
+            model = LM.load(model_dir, device=args.device)
+            task = task_of(model_dir, args.task, tasks, corpus=args.corpus, say=say)
+            if task.vocab_size > model.config.vocab_size:
+                raise ValueError(
+                    f"{model_dir}: task {task.name!r} has vocab_size {task.vocab_size}, the model only "
+                    f"{model.config.vocab_size}"
+                )
+            batches = task.eval_batches(args.batches, args.batch_size, seed=args.seed)
+            result = diagnose(model, batches, quantization=not args.no_quant)
+        except (ValueError, TypeError, OSError, RuntimeError) as error:
+            failed += 1
+            everything[str(model_dir)] = {"error": f"{type(error).__name__}: {error}"}
+            say(f"gatelab inspect: skipped {model_dir}: {error}")
+            continue
         everything[str(model_dir)] = result
         if not args.json:
             print_diagnostics(f"{model_dir.name} on {task.name}", result, console)
     if args.json:
         print(json.dumps(to_json_safe(everything), indent=1))
-    return 0
+    if failed:
+        say(f"gatelab inspect: {failed} of {len(model_dirs)} model(s) could not be inspected (see above)")
+    return 1 if failed else 0

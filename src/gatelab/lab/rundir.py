@@ -10,6 +10,8 @@ Everything the lab writes into a run folder goes through here, so each rule live
   unless asked to overwrite (or to resume).
 - ``write_manifest`` / ``verify_manifest``: sha256 of a folder's files in ``manifest.json``, written last
   (atomically); ``verify_manifest`` raises :class:`IntegrityError` naming the first file that differs.
+- ``read_json`` / ``read_safetensors``: a torn or foreign file gives an :class:`IntegrityError` naming it,
+  not a bare decoder error.
 """
 
 from __future__ import annotations
@@ -147,3 +149,30 @@ def verify_manifest(folder: str | Path, *, required: bool = True) -> dict[str, d
                 f"{str(target)!r} changed since it was written (sha256 differs from {MANIFEST})"
             )
     return files
+
+
+def read_json(path: str | Path):
+    """The JSON value in ``path``; :class:`IntegrityError` naming the file when it is torn or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{str(path)!r} is not a text file (torn or not written by gatelab)") from None
+    except json.JSONDecodeError as e:
+        raise IntegrityError(
+            f"{str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}): torn or edited"
+        ) from None
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict:
+    """The tensors of a safetensors file; :class:`IntegrityError` naming the file when it is truncated,
+    torn or not a safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise IntegrityError(
+            f"{str(path)!r} cannot be read as safetensors ({e}): truncated or torn"
+        ) from None

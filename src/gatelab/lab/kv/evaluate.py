@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import copy
+import random
 import time
 
 import torch
 import torch.nn.functional as F
 
-from gatelab.cache import apply_policy, cache_bytes, eviction_loss, kept_fraction, remove_policy
+from gatelab.cache import apply_policy, cache_bytes, remove_policy
 from gatelab.lab.tasks import IGNORE
+from gatelab.lab.train import TrainConfig, train
 
 
 @torch.no_grad()
@@ -103,41 +105,50 @@ def finetune_gates(
             tuned, "attention_gate", target_keep=target_keep, eviction_weight=eviction_weight, **gate_options
         )
     gates = [p for n, p in tuned.named_parameters() if ".cache_policy." in n]
-    return _finetune(tuned, task, steps, gates, gate_lr, lr, batch_size, seed)
+    return _tune(tuned, task, steps, batch_size, seed, gates=gates, gate_lr=gate_lr, lr=lr)
 
 
 def finetune_lm(model, task, steps: int, batch_size: int = 16, lr: float = 3e-4, seed: int = 0):
     """A copy of ``model`` fine-tuned on ``task`` exactly as :func:`finetune_gates` tunes the LM, without
     gates: the control that gives the training-free policies the same LM updates. Returns (model, history)."""
-    return _finetune(copy.deepcopy(model), task, steps, [], 0.0, lr, batch_size, seed)
+    return _tune(copy.deepcopy(model), task, steps, batch_size, seed, gates=[], gate_lr=0.0, lr=lr)
 
 
-def _finetune(tuned, task, steps, gates, gate_lr, lr, batch_size, seed):
-    """AdamW at constant learning rates (betas 0.9/0.95, no weight decay, clip 1.0) on cross-entropy plus
-    the gates' eviction-rate loss; the same batches for the same seed with or without gates."""
+def _tune(tuned, task, steps: int, batch_size: int, seed: int, *, gates: list, gate_lr: float, lr: float):
+    """``tuned`` through the trainer at constant learning rates (no warmup, no decay), the gates at
+    ``gate_lr``, the rest at ``lr`` (frozen when lr <= 0); AdamW betas 0.9/0.95, no weight decay, clip 1.0,
+    fp32, no evaluation, cross-entropy plus the gates' eviction-rate loss; the same batches for the same
+    seed with or without gates. The caller's global RNGs are left as they were (the trainer seeds them).
+    Returns (tuned in eval mode, history [{step, ce, kept}])."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     ids = {id(p) for p in gates}
     rest = [p for p in tuned.parameters() if id(p) not in ids]
-    groups = ([{"params": gates, "lr": gate_lr}] if gates else []) + (
-        [{"params": rest, "lr": lr}] if lr > 0 else []
-    )
     if lr <= 0:
         for p in rest:
             p.requires_grad_(False)
-    if not groups:
-        raise ValueError("nothing to fine-tune: no gates and lr <= 0")
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    tuned.train()
+    groups = ([{"params": gates, "lr": gate_lr, "weight_decay": 0.0}] if gates else []) + (
+        [{"params": rest, "lr": lr, "weight_decay": 0.0}] if lr > 0 else []
+    )
+    if not groups or max(lr, gate_lr) <= 0:
+        raise ValueError(
+            f"nothing to fine-tune: {len(gates)} gate parameters at gate_lr {gate_lr}, the LM at lr {lr}"
+        )
     history = []
-    for step in range(steps):
-        inputs, targets = task.get_batch("train", batch_size, generator)
-        logits = tuned(inputs)[0].float()
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        loss = ce + eviction_loss(tuned)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "ce": ce.item(), "kept": kept_fraction(tuned)})
+    if steps:
+        device = next(tuned.parameters()).device
+        config = TrainConfig(
+            steps=steps, batch_size=batch_size, lr=max(lr, gate_lr), min_lr_ratio=1.0, warmup=0,
+            weight_decay=0.0, grad_clip=1.0, eval_every=0, eval_batches=0, seed=seed, device=str(device),
+            progress=False, autocast=False,
+        )  # fmt: skip
+        python_state = random.getstate()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                result = train(tuned, task, config, groups=groups)
+        finally:
+            random.setstate(python_state)
+        history = [{"step": r["step"], "ce": r["loss"], "kept": r.get("kept")} for r in result.history]
     tuned.eval()
     return tuned, history

@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from gatelab.lab.tables import finite, format_cell, markdown_table, mean_std
 
 DEFAULT_BUDGETS = (0.5, 0.25)
@@ -120,17 +118,6 @@ def parse_options(
     )
 
 
-class _OnDevice:
-    """A task whose training batches land on ``device`` (the gates fine-tune where the model lives)."""
-
-    def __init__(self, task, device: torch.device):
-        self.task, self.device = task, device
-
-    def get_batch(self, split: str, batch_size: int, generator: torch.Generator):
-        inputs, targets = self.task.get_batch(split, batch_size, generator)
-        return inputs.to(self.device), targets.to(self.device)
-
-
 def longer_task(task, context: int):
     """``task`` rebuilt at ``context`` times its length; a ValueError naming --kv-context when it cannot be
     (e.g. MQAR needs a vocabulary larger than its length)."""
@@ -194,15 +181,13 @@ def evaluate_run(model, task, batches: list, options: KVCacheOptions, *, batch_s
         """Full cache of the control: the run's model fine-tuned as the gated copies are, without gates
         (the same steps, batches and learning rate), so a gate row's gain is not the extra training's."""
         if not control:
-            tuned, _ = finetune_lm(
-                model, _OnDevice(task, device), steps=options.gate_steps, batch_size=batch_size, seed=seed
-            )
+            tuned, _ = finetune_lm(model, task, steps=options.gate_steps, batch_size=batch_size, seed=seed)
             control.update(decode_eval(tuned, batch, "full"))
         return control
 
     def gated(budget: float):
         tuned, history = finetune_gates(
-            model, _OnDevice(task, device), target_keep=budget, steps=options.gate_steps,
+            model, task, target_keep=budget, steps=options.gate_steps,
             batch_size=batch_size, seed=seed,
         )  # fmt: skip
         metrics = decode_eval(tuned, batch, "attention_gate")

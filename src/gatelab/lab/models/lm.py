@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class LMConfig:
 
 
 TIED_KEY = "head.weight"  # with tied embeddings the same Parameter as "embed.weight", saved once
+MODEL_FILES = ("model.safetensors", "config.json")  # what save writes (then its manifest)
 
 
 class SwiGLU(nn.Module):
@@ -271,31 +273,52 @@ class LM(nn.Module):
         return torch.cat(out, dim=1)
 
     def save(self, path_dir: str | Path) -> None:
-        """Write ``model.safetensors`` and ``config.json`` into ``path_dir`` (each atomically)."""
-        from safetensors.torch import save_file
+        """Write ``model.safetensors`` and ``config.json`` into ``path_dir`` (each atomically), then
+        ``manifest.json`` with their sha256, last: :meth:`load` checks the files against it."""
+        from safetensors.torch import save
+
+        from gatelab.lab.rundir import atomic_write_bytes, atomic_write_text, write_manifest
 
         path = Path(path_dir)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             del tensors[TIED_KEY]  # safetensors stores no shared tensor: the embedding holds it
-        tmp = path / "model.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / "model.safetensors")
-        tmp = path / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
-        tmp.replace(path / "config.json")
+        atomic_write_bytes(path / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+        atomic_write_text(path / "config.json", json.dumps(self.config.to_dict(), indent=2))
+        write_manifest(path, MODEL_FILES)
 
     @classmethod
     def load(cls, path_dir: str | Path, device: str | torch.device = "cpu") -> LM:
-        from safetensors.torch import load_file
+        """The LM :meth:`save` wrote into ``path_dir``, on ``device``.
+
+        The files are checked against ``manifest.json`` first (IntegrityError naming a file that is
+        missing, torn or changed). A folder without a manifest (saved by gatelab before it wrote one)
+        still loads, with a warning that nothing could be checked; a torn or truncated file in it is
+        still an IntegrityError naming the file."""
+        from gatelab.lab.rundir import MANIFEST, IntegrityError, read_json, read_safetensors, verify_manifest
 
         path = Path(path_dir)
-        for name in ("config.json", "model.safetensors"):
+        for name in MODEL_FILES:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} not found: LM.load needs a folder written by LM.save")
-        model = cls(LMConfig(**json.loads((path / "config.json").read_text())))
-        model.load_tensors(load_file(str(path / "model.safetensors"), device=str(device)))
+        if (path / MANIFEST).is_file():
+            verify_manifest(path)
+        else:
+            warnings.warn(
+                f"{path} has no {MANIFEST} (saved by an older gatelab): its files cannot be checked; "
+                "LM.save writes one",
+                stacklevel=2,
+            )
+        options = read_json(path / "config.json")
+        if not isinstance(options, dict):
+            raise IntegrityError(f"{str(path / 'config.json')!r} holds no LMConfig (a JSON object expected)")
+        try:
+            config = LMConfig(**options)
+        except TypeError as error:
+            raise IntegrityError(f"{str(path / 'config.json')!r} is not an LMConfig: {error}") from None
+        model = cls(config)
+        model.load_tensors(read_safetensors(path / "model.safetensors", device=str(device)))
         return model.to(device)
 
     def load_tensors(self, tensors: dict) -> None:
