@@ -269,6 +269,17 @@ def test_a_read_only_out_folder_is_refused(tmp_path):
         (tmp_path / "ro").chmod(0o700)
 
 
+def test_an_unwritable_out_folder_is_refused_even_as_root(tmp_path, monkeypatch):
+    """CI runs as root, for whom chmod does not make a folder read-only: the refusal is checked through
+    the permission test itself (what a read-only mount or another user's folder answers)."""
+    import gatelab.lab.rundir as rundir
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="is not writable"):
+        train(tiny(), make_task("mqar", **TASK), config(tmp_path / "ro"))
+
+
 def test_cli_device_and_numbers_errors(tmp_path, capsys):
     for flags, message in ((["--device", "bogus"], "device must be"), (["--lr", "inf"], "lr must be a finite"),
                            (["--grad-clip", "nan"], "grad_clip must be a finite")):  # fmt: skip
