@@ -1,14 +1,17 @@
 """What the linear-attention ops share at their entry: the checks of cu_seqlens, initial_state and
-chunk_size, and whether an op's Triton backend can run."""
+chunk_size, whether an op's Triton backend can run, picking a backend and running it on packed sequences."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from collections.abc import Callable, Mapping
 
 import torch
 
-from gatelab.ops.common.backend import triton_available
+from gatelab.ops.common.backend import resolve_backend, triton_available
 from gatelab.ops.common.checks import check_cu_seqlens, check_tensor
+from gatelab.ops.common.varlen import run_packed
 
 
 def check_linear_options(
@@ -44,4 +47,45 @@ def triton_ready(package: str, q: torch.Tensor) -> bool:
     return triton_available(q) and importlib.util.find_spec(package + ".triton") is not None
 
 
-__all__ = ["check_linear_options", "triton_ready"]
+def pick_backend(
+    op: str,
+    backend: str,
+    q: torch.Tensor,
+    functions: Mapping[str, Callable | None],
+    auto_order: tuple[str, ...] = ("triton", "chunk"),
+) -> tuple[str, Callable]:
+    """The backend of linear op ``op`` to run and its function.
+
+    functions: backend name -> function; the PyTorch backends run anywhere. None stands for the Triton
+    kernels, ``gatelab.ops.<op>.triton.<op>_triton``: available where :func:`triton_ready`, imported only
+    when chosen (it needs triton).
+    """
+    package = f"gatelab.ops.{op}"
+    available = {
+        name: True if fn is not None else (lambda: triton_ready(package, q)) for name, fn in functions.items()
+    }
+    name = resolve_backend(op, backend, available, auto_order)
+    fn = functions[name]
+    if fn is None:
+        fn = getattr(importlib.import_module(f"{package}.triton"), f"{op}_triton")
+    return name, fn
+
+
+def run_backend(
+    fn: Callable,
+    tensors: tuple[torch.Tensor, ...],
+    *,
+    initial_state,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    **options,
+):
+    """``fn(*tensors, initial_state=, output_final_state=, **options)`` on one batch, or on each packed
+    sequence with its own state when ``cu_seqlens`` is given (:func:`run_packed`): the backends themselves
+    never see cu_seqlens. tensors: (B, T, ...) each, cut along T."""
+    if cu_seqlens is None:
+        return fn(*tensors, initial_state=initial_state, output_final_state=output_final_state, **options)
+    return run_packed(fn, cu_seqlens, tensors, initial_state, output_final_state, **options)
+
+
+__all__ = ["check_linear_options", "triton_ready", "pick_backend", "run_backend"]

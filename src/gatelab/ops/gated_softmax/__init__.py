@@ -9,7 +9,14 @@ import importlib.util
 import torch
 
 from gatelab.ops.common.backend import resolve_backend, triton_available
-from gatelab.ops.common.checks import check_choice, check_qkv, check_same, check_tensor
+from gatelab.ops.common.checks import (
+    check_choice,
+    check_finite_future,
+    check_qkv,
+    check_same,
+    check_scale,
+    check_tensor,
+)
 from gatelab.ops.softmax import check_attention_options
 
 from .reference import COMBINES, GATE_FUNCTIONS, apply_gate, gate_activation, gated_softmax_reference
@@ -61,6 +68,9 @@ def gated_softmax(
         )
     check_choice("gate_fn", gate_fn, GATE_FUNCTIONS)
     check_choice("combine", combine, COMBINES)
+    check_scale(scale)
+    if causal:
+        check_finite_future("gated_softmax", q.shape[1], k=k, v=v)
     triton_ok = lambda: (  # noqa: E731
         combine == "multiply"
         and gate_fn in ("sigmoid", "silu")

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_log_gate, check_qkv, check_tensor
-from gatelab.ops.common.linear import check_linear_options, triton_ready
+from gatelab.ops.common.checks import (
+    check_finite_future,
+    check_log_gate,
+    check_qkv,
+    check_scale,
+    check_tensor,
+)
+from gatelab.ops.common.linear import check_linear_options, pick_backend, run_backend
 
 from .chunk import gla_chunk
 from .recurrent import gla_recurrent, gla_step
@@ -15,6 +20,7 @@ from .reference import gla_attention_matrix, gla_reference
 
 BACKENDS = ("reference", "chunk", "recurrent", "triton")
 AUTO_ORDER = ("triton", "chunk")  # "auto" takes the Triton kernels on CUDA, the chunked form elsewhere
+_FUNCTIONS = {"reference": gla_reference, "chunk": gla_chunk, "recurrent": gla_recurrent, "triton": None}
 
 
 # Default tokens per chunk of each backend. "chunk" (PyTorch) at T=2048, B=1, H=4, K=V=64, fp32 forward+
@@ -60,31 +66,17 @@ def gla(
     if g.device != q.device:  # g may be fp32 while q is bf16: gates are often computed in fp32
         raise ValueError(f"g is on {g.device} but q is on {q.device}; move them to one device")
     check_log_gate("g", g.detach())
-    available = {
-        "reference": True,
-        "chunk": True,
-        "recurrent": True,
-        "triton": lambda: triton_ready(__name__, q),
-    }
-    name = resolve_backend("gla", backend, available, AUTO_ORDER)
+    check_scale(scale)
+    check_finite_future("gla", q.shape[1], k=k, v=v)
+    name, fn = pick_backend("gla", backend, q, _FUNCTIONS, AUTO_ORDER)
     if chunk_size is None:
         chunk_size = CHUNK_SIZE.get(name, 64)  # reference and recurrent do not chunk
     check_linear_options("gla", q, v, initial_state, cu_seqlens, chunk_size)
-    if name == "triton":
-        from .triton import gla_triton as fn
-    else:
-        fn = {"reference": gla_reference, "chunk": gla_chunk, "recurrent": gla_recurrent}[name]
-    return fn(
-        q,
-        k,
-        v,
-        g,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size,
-    )
+    options = {"chunk_size": chunk_size} if name in CHUNK_SIZE else {}
+    return run_backend(
+        fn, (q, k, v, g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, **options,
+    )  # fmt: skip
 
 
 __all__ = [

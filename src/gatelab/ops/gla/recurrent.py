@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.recurrent import run_steps
-from gatelab.ops.common.varlen import run_packed
 
 
 def gla_step(
@@ -28,14 +27,8 @@ def gla_recurrent(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,  # unused: same signature as every backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run :func:`gla_step` over T; arguments and shapes as :func:`gatelab.ops.gla`."""
-    if cu_seqlens is not None:
-        return run_packed(
-            gla_recurrent, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale
-        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return run_steps(
         gla_step, q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state

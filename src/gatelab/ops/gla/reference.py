@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.recurrent import initial_or_zeros
-from gatelab.ops.common.varlen import run_packed
 
 
 def gla_reference(
@@ -18,15 +17,9 @@ def gla_reference(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,  # unused: same signature as every backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t; arguments and shapes as
     :func:`gatelab.ops.gla`."""
-    if cu_seqlens is not None:
-        return run_packed(
-            gla_reference, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale
-        )
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
     qf, kf, vf, gf = q.float() * scale, k.float(), v.float(), g.float()

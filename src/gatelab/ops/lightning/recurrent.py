@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.recurrent import run_steps
-from gatelab.ops.common.varlen import run_packed
 
 from .reference import expand_decay
 
@@ -30,15 +29,9 @@ def lightning_recurrent(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,  # unused: same signature as every backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run :func:`lightning_step` over T; arguments and shapes as :func:`gatelab.ops.lightning`."""
     decay = expand_decay(decay, q)  # (B, T, H)
-    if cu_seqlens is not None:
-        return run_packed(
-            lightning_recurrent, cu_seqlens, (q, k, v, decay), initial_state, output_final_state, scale=scale
-        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return run_steps(
         lightning_step, q, k, v, decay, scale=scale, initial_state=initial_state,

@@ -9,7 +9,6 @@ import math
 import torch
 
 from gatelab.ops.common.recurrent import initial_or_zeros
-from gatelab.ops.common.varlen import run_packed
 
 
 def expand_decay(decay: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -44,16 +43,10 @@ def lightning_reference(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,  # unused: same signature as every backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S_t = exp(decay_t) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t, one scalar decay per head;
     arguments and shapes as :func:`gatelab.ops.lightning`."""
     decay = expand_decay(decay, q)  # (B, T, H)
-    if cu_seqlens is not None:
-        return run_packed(
-            lightning_reference, cu_seqlens, (q, k, v, decay), initial_state, output_final_state, scale=scale
-        )
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
     qf, kf, vf = q.float() * scale, k.float(), v.float()

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_choice, check_cu_seqlens, check_qkv, check_same, check_tensor
-from gatelab.ops.common.varlen import run_packed
+from gatelab.ops.common.checks import (
+    check_choice,
+    check_cu_seqlens,
+    check_finite_future,
+    check_number,
+    check_qkv,
+    check_same,
+    check_tensor,
+)
+from gatelab.ops.common.linear import pick_backend, run_backend
 
 from .chunk import causal_linear_attention_chunk, global_linear_attention, lina_chunk
 from .recurrent import lina_recurrent, lina_step
@@ -32,8 +39,7 @@ def check_state_free(op: str, causal: bool, initial_state, output_final_state: b
 def check_options(op: str, causal, eps, chunk_size, backend) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(eps, int | float) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    check_number(f"{op}: eps", eps, low=0)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     if backend == "recurrent" and not causal:
@@ -119,15 +125,16 @@ def lina(
             )
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
-    name = resolve_backend("lina", backend, {name: True for name in BACKENDS}, ("chunk",))
-    fn = _FUNCTIONS[name]
+    if causal:
+        check_finite_future("lina", T, k=k, v=v)
+    name, fn = pick_backend("lina", backend, q, _FUNCTIONS, ("chunk",))
     options = dict(causal=causal, feature_map=feature_map, eps=float(eps))
     if name == "chunk":
         options["chunk_size"] = chunk_size
-    tensors = (q, k, v, key_gate, value_gate)
-    if cu_seqlens is None:
-        return fn(*tensors, initial_state=initial_state, output_final_state=output_final_state, **options)
-    return run_packed(fn, cu_seqlens, tensors, initial_state, output_final_state, **options)
+    return run_backend(
+        fn, (q, k, v, key_gate, value_gate), initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, **options,
+    )  # fmt: skip
 
 
 __all__ = [
