@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_finite_future, check_number, check_qkv, check_scale
+from gatelab.ops.common.checks import check_attention_values, check_number, check_qkv
 from gatelab.ops.softmax import check_attention_options
 
 from .chunk import clipped_softmax_chunk
@@ -48,9 +48,7 @@ def clipped_softmax(
     check_qkv(q, k, v)
     check_attention_options(q, k, causal, None, 0)
     check_clip_range(zeta, gamma)
-    check_scale(scale)
-    if causal:
-        check_finite_future("clipped_softmax", q.shape[1], k=k, v=v)
+    check_attention_values("clipped_softmax", q.shape[1], scale=scale, causal=causal, k=k, v=v)
     name = resolve_backend("clipped_softmax", backend, {"reference": True, "chunk": True}, ("chunk",))
     fn = clipped_softmax_reference if name == "reference" else clipped_softmax_chunk
     return fn(q, k, v, zeta=zeta, gamma=gamma, causal=causal, scale=scale)

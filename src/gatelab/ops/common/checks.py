@@ -124,6 +124,15 @@ def check_finite_future(op: str, q_len: int, **tensors: torch.Tensor | None) -> 
         )
 
 
+def check_attention_values(op: str, q_len: int, *, scale=None, causal: bool = True, **future) -> None:
+    """The value rules of an attention op: its ``scale`` (:func:`check_scale`) and, when causal, no
+    non-finite token among ``future`` (B, S, ...) where some query would see it as future
+    (:func:`check_finite_future`)."""
+    check_scale(scale)
+    if causal:
+        check_finite_future(op, q_len, **future)
+
+
 def check_log_gate(name: str, g: torch.Tensor, check_values: bool = True) -> None:
     """Decays are passed in log space: every value must be <= 0 (and finite)."""
     if check_values and not torch.compiler.is_compiling():

@@ -20,9 +20,10 @@ def check_linear_options(
     v: torch.Tensor,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> None:
-    """Checks every linear-attention op shares: cu_seqlens, initial_state (B or N, H, K, V), chunk_size."""
+    """Checks every linear-attention op shares: cu_seqlens, initial_state (B or N, H, K, V), chunk_size
+    (None: the backend's own default, nothing to check)."""
     B, T, H, K = q.shape
     check_cu_seqlens(cu_seqlens, B, T)
     if initial_state is not None:
@@ -37,7 +38,9 @@ def check_linear_options(
                 f"{op}: initial_state must have shape (B or N, H, K, V) = {expected} ({who}), "
                 f"got {tuple(initial_state.shape)}"
             )
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
@@ -64,7 +67,7 @@ def pick_backend(
     available = {
         name: True if fn is not None else (lambda: triton_ready(package, q)) for name, fn in functions.items()
     }
-    name = resolve_backend(op, backend, available, auto_order)
+    name = resolve_backend(op, backend, available, tuple(n for n in auto_order if n in functions))
     fn = functions[name]
     if fn is None:
         fn = getattr(importlib.import_module(f"{package}.triton"), f"{op}_triton")
@@ -88,4 +91,29 @@ def run_backend(
     return run_packed(fn, cu_seqlens, tensors, initial_state, output_final_state, **options)
 
 
-__all__ = ["check_linear_options", "triton_ready", "pick_backend", "run_backend"]
+def run_linear(
+    op: str,
+    backend: str,
+    functions: Mapping[str, Callable | None],
+    tensors: tuple[torch.Tensor, ...],
+    *,
+    chunk_size: int | Mapping[str, int],
+    initial_state,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    auto_order: tuple[str, ...] = ("triton", "chunk"),
+    **options,
+):
+    """What a linear op does once its inputs are checked: pick the backend (:func:`pick_backend`), give
+    ``chunk_size`` to the chunked ones, "chunk" and "triton" (a mapping: each its own default), and run it
+    on one batch or on each packed sequence (:func:`run_backend`). ``options`` go to every backend."""
+    name, fn = pick_backend(op, backend, tensors[0], functions, auto_order)
+    if name in ("chunk", "triton"):
+        options["chunk_size"] = chunk_size[name] if isinstance(chunk_size, Mapping) else chunk_size
+    return run_backend(
+        fn, tensors, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        **options,
+    )  # fmt: skip
+
+
+__all__ = ["check_linear_options", "triton_ready", "pick_backend", "run_backend", "run_linear"]

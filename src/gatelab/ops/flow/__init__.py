@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.checks import check_cu_seqlens, check_finite_future, check_qkv
-from gatelab.ops.common.linear import pick_backend, run_backend
+from gatelab.ops.common.checks import check_attention_values, check_cu_seqlens, check_qkv
+from gatelab.ops.common.linear import run_linear
 from gatelab.ops.lina import check_options, check_state_free
 
 from .chunk import flow_chunk
@@ -74,15 +74,12 @@ def flow(
     if initial_state is not None:
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
         initial_state = check_flow_state(initial_state, n, H, K, v.shape[-1], q.device)
-    if causal:  # q too: the flows' running sums carry every token's query into later tokens' weights
-        check_finite_future("flow", T, q=q, k=k, v=v)
-    name, fn = pick_backend("flow", backend, q, _FUNCTIONS, ("chunk",))
-    options = dict(causal=causal, eps=float(eps))
-    if name == "chunk":
-        options["chunk_size"] = chunk_size
-    return run_backend(
-        fn, (q, k, v), initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, **options,
+    # q too: the flows' running sums carry every query into later tokens' weights
+    check_attention_values("flow", T, causal=causal, q=q, k=k, v=v)
+    return run_linear(
+        "flow", backend, _FUNCTIONS, (q, k, v), chunk_size=chunk_size, causal=causal,
+        eps=float(eps), initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 

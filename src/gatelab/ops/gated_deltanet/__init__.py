@@ -6,15 +6,14 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.checks import (
+    check_attention_values,
     check_cu_seqlens,
-    check_finite_future,
     check_heads,
     check_log_gate,
     check_same,
-    check_scale,
     check_tensor,
 )
-from gatelab.ops.common.linear import pick_backend, run_backend
+from gatelab.ops.common.linear import run_linear
 
 from .chunk import gated_deltanet_chunk
 from .recurrent import gated_deltanet_recurrent, gated_deltanet_step
@@ -123,15 +122,12 @@ def gated_deltanet(
         float32, or None unless ``output_final_state``.
     """
     check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
-    check_scale(scale)
-    check_finite_future("gated_deltanet", q.shape[1], k=k, v=v)
-    name, fn = pick_backend("gated_deltanet", backend, q, _FUNCTIONS)
+    check_attention_values("gated_deltanet", q.shape[1], scale=scale, k=k, v=v)
     if use_qk_l2norm:
         q, k = l2_normalize(q), l2_normalize(k)
-    options = {"chunk_size": chunk_size} if name in ("chunk", "triton") else {}
-    return run_backend(
-        fn, (q, k, v, g, beta), scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, **options,
+    return run_linear(
+        "gated_deltanet", backend, _FUNCTIONS, (q, k, v, g, beta), chunk_size=chunk_size, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 

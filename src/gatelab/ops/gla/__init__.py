@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.checks import (
-    check_finite_future,
-    check_log_gate,
-    check_qkv,
-    check_scale,
-    check_tensor,
-)
-from gatelab.ops.common.linear import check_linear_options, pick_backend, run_backend
+from gatelab.ops.common.checks import check_attention_values, check_log_gate, check_qkv, check_tensor
+from gatelab.ops.common.linear import check_linear_options, run_linear
 
 from .chunk import gla_chunk
-from .recurrent import gla_recurrent, gla_step
-from .reference import gla_attention_matrix, gla_reference
+from .recurrent import gla_recurrent
+from .reference import gla_attention_matrix, gla_reference, gla_step
 
 BACKENDS = ("reference", "chunk", "recurrent", "triton")
-AUTO_ORDER = ("triton", "chunk")  # "auto" takes the Triton kernels on CUDA, the chunked form elsewhere
 _FUNCTIONS = {"reference": gla_reference, "chunk": gla_chunk, "recurrent": gla_recurrent, "triton": None}
 
 
@@ -66,16 +59,11 @@ def gla(
     if g.device != q.device:  # g may be fp32 while q is bf16: gates are often computed in fp32
         raise ValueError(f"g is on {g.device} but q is on {q.device}; move them to one device")
     check_log_gate("g", g.detach())
-    check_scale(scale)
-    check_finite_future("gla", q.shape[1], k=k, v=v)
-    name, fn = pick_backend("gla", backend, q, _FUNCTIONS, AUTO_ORDER)
-    if chunk_size is None:
-        chunk_size = CHUNK_SIZE.get(name, 64)  # reference and recurrent do not chunk
+    check_attention_values("gla", q.shape[1], scale=scale, k=k, v=v)
     check_linear_options("gla", q, v, initial_state, cu_seqlens, chunk_size)
-    options = {"chunk_size": chunk_size} if name in CHUNK_SIZE else {}
-    return run_backend(
-        fn, (q, k, v, g), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, **options,
+    return run_linear(
+        "gla", backend, _FUNCTIONS, (q, k, v, g), chunk_size=CHUNK_SIZE if chunk_size is None else chunk_size,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_finite_future, check_qkv, check_scale
+from gatelab.ops.common.checks import check_attention_values, check_qkv
 from gatelab.ops.common.flex_blocks import auto_order, flex_available
 
 from .flex import hip_flex
@@ -69,9 +69,7 @@ def hip(
         raise ValueError(
             f"causal hip needs at least as many keys as queries, got {q.shape[1]} queries and {k.shape[1]} keys"
         )
-    check_scale(scale)
-    if causal:
-        check_finite_future("hip", q.shape[1], k=k, v=v)
+    check_attention_values("hip", q.shape[1], scale=scale, causal=causal, k=k, v=v)
     name = resolve_backend("hip", backend, {"reference": True, "flex": flex_available}, auto_order(q))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = hip_reference if name == "reference" else hip_flex

@@ -6,21 +6,20 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.checks import (
-    check_finite_future,
-    check_log_gate,
-    check_qkv,
-    check_scale,
-    check_tensor,
-)
-from gatelab.ops.common.linear import check_linear_options, pick_backend, run_backend
+from gatelab.ops.common.checks import check_attention_values, check_log_gate, check_qkv, check_tensor
+from gatelab.ops.common.linear import check_linear_options, run_linear
 
 from .chunk import lightning_chunk
-from .recurrent import lightning_recurrent, lightning_step
-from .reference import alibi_slopes, expand_decay, lightning_attention_matrix, lightning_reference
+from .recurrent import lightning_recurrent
+from .reference import (
+    alibi_slopes,
+    expand_decay,
+    lightning_attention_matrix,
+    lightning_reference,
+    lightning_step,
+)
 
 BACKENDS = ("reference", "chunk", "recurrent", "triton")
-AUTO_ORDER = ("triton", "chunk")  # "auto" takes the Triton kernels on CUDA, the chunked form elsewhere
 _FUNCTIONS = {
     "reference": lightning_reference,
     "chunk": lightning_chunk,
@@ -69,16 +68,13 @@ def lightning(
     if decay.device != q.device:
         raise ValueError(f"decay is on {decay.device} but q is on {q.device}; move them to one device")
     check_log_gate("decay", decay.detach())
-    check_scale(scale)
-    check_finite_future("lightning", q.shape[1], k=k, v=v)
+    check_attention_values("lightning", q.shape[1], scale=scale, k=k, v=v)
     check_linear_options("lightning", q, v, initial_state, cu_seqlens, chunk_size)
-    name, fn = pick_backend("lightning", backend, q, _FUNCTIONS, AUTO_ORDER)
     if cu_seqlens is not None:
         decay = expand_decay(decay, q)  # (B, T, H): cut along T with q, k, v
-    options = {"chunk_size": chunk_size} if name in ("chunk", "triton") else {}
-    return run_backend(
-        fn, (q, k, v, decay), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, **options,
+    return run_linear(
+        "lightning", backend, _FUNCTIONS, (q, k, v, decay), chunk_size=chunk_size, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.checks import (
+    check_attention_values,
     check_choice,
     check_cu_seqlens,
-    check_finite_future,
     check_number,
     check_qkv,
     check_same,
     check_tensor,
 )
-from gatelab.ops.common.linear import pick_backend, run_backend
+from gatelab.ops.common.linear import run_linear
 
 from .chunk import causal_linear_attention_chunk, global_linear_attention, lina_chunk
 from .recurrent import lina_recurrent, lina_step
@@ -125,15 +125,11 @@ def lina(
             )
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
-    if causal:
-        check_finite_future("lina", T, k=k, v=v)
-    name, fn = pick_backend("lina", backend, q, _FUNCTIONS, ("chunk",))
-    options = dict(causal=causal, feature_map=feature_map, eps=float(eps))
-    if name == "chunk":
-        options["chunk_size"] = chunk_size
-    return run_backend(
-        fn, (q, k, v, key_gate, value_gate), initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, **options,
+    check_attention_values("lina", T, causal=causal, k=k, v=v)
+    return run_linear(
+        "lina", backend, _FUNCTIONS, (q, k, v, key_gate, value_gate), chunk_size=chunk_size, causal=causal, feature_map=feature_map,
+        eps=float(eps), initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ import math
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_finite_future, check_heads, check_same, check_scale, check_tensor
+from gatelab.ops.common.checks import check_attention_values, check_heads, check_same, check_tensor
 from gatelab.ops.common.flex import check_flex_inputs, default_compile, flex_supported, flex_usable
 
 from .flex import neighborhood_flex
@@ -122,10 +122,10 @@ def neighborhood(
     """
     spatial = check_inputs(q, k, v, additional_keys, additional_values)
     kernel_size, stride, dilation, causal = normalize_args(spatial, kernel_size, stride, dilation, causal)
-    check_scale(scale)
     N = math.prod(spatial)
-    if any(causal):  # every token but the first (zero in every dim) is in the future of some query
-        check_finite_future("neighborhood", N, k=k.flatten(1, len(spatial)), v=v.flatten(1, len(spatial)))
+    # causal in any dim: every token but the first (0 in every dim) is in some query's future
+    flat = {name: x.flatten(1, len(spatial)) for name, x in (("k", k), ("v", v))}
+    check_attention_values("neighborhood", N, scale=scale, causal=any(causal), **flat)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = (q, k, v, additional_keys, additional_values)
     n_extra = 0 if additional_keys is None else additional_keys.shape[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_finite_future, check_qkv, check_scale
+from gatelab.ops.common.checks import check_attention_values, check_qkv
 from gatelab.ops.common.flex_blocks import auto_order, flex_available
 
 from .flex import psa_flex
@@ -85,9 +85,7 @@ def psa(
         raise ValueError(
             f"causal psa needs at least as many keys as queries, got {q.shape[1]} queries and {k.shape[1]} keys"
         )
-    check_scale(scale)
-    if causal:
-        check_finite_future("psa", q.shape[1], k=k, v=v)
+    check_attention_values("psa", q.shape[1], scale=scale, causal=causal, k=k, v=v)
     name = resolve_backend("psa", backend, {"reference": True, "flex": flex_available}, auto_order(q))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = psa_reference if name == "reference" else psa_flex
