@@ -43,7 +43,7 @@ def run_steps(
     return o, (state if output_final_state else None)
 
 
-def step_backend(
+def token_loop_backend(
     step: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     name: str,
     prepare: Callable[..., tuple[torch.Tensor, ...]] | None = None,
@@ -79,4 +79,4 @@ def step_backend(
     return backend
 
 
-__all__ = ["initial_or_zeros", "run_steps", "step_backend"]
+__all__ = ["initial_or_zeros", "run_steps", "token_loop_backend"]

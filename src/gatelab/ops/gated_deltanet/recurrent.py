@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.recurrent import step_backend
+from gatelab.ops.common.recurrent import token_loop_backend
 
 
 def gated_deltanet_step(
@@ -34,4 +34,4 @@ def _scaled_step(state, q, k, v, g, beta, scale):
 
 
 # (q, k, v, g, beta, *, scale, initial_state, output_final_state): the token loop in fp32
-gated_deltanet_recurrent = step_backend(_scaled_step, "gated_deltanet_recurrent")
+gated_deltanet_recurrent = token_loop_backend(_scaled_step, "gated_deltanet_recurrent")

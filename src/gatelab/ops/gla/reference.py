@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.recurrent import step_backend
+from gatelab.ops.common.recurrent import token_loop_backend
 
 
 def gla_step(
@@ -19,7 +19,7 @@ def gla_step(
 
 
 # (q, k, v, g, *, scale, initial_state, output_final_state): the recurrence over T in fp32, shapes as gla
-gla_reference = step_backend(gla_step, "gla_reference")
+gla_reference = token_loop_backend(gla_step, "gla_reference")
 
 
 def gla_attention_matrix(

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from gatelab.ops.common.recurrent import step_backend
+from gatelab.ops.common.recurrent import token_loop_backend
 
 
 def expand_decay(decay: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def per_token_decay(q: torch.Tensor, decay: torch.Tensor) -> tuple[torch.Tensor]
 
 # (q, k, v, decay, *, scale, initial_state, output_final_state), decay (H,) or (B, T, H): the recurrence
 # over T in fp32, one scalar decay per head; shapes as lightning
-lightning_reference = step_backend(lightning_step, "lightning_reference", per_token_decay)
+lightning_reference = token_loop_backend(lightning_step, "lightning_reference", per_token_decay)
 
 
 def lightning_attention_matrix(
