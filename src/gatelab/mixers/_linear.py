@@ -45,7 +45,7 @@ class LinearMixer(Mixer):
             )
         return state.state, state.length
 
-    def token_loop_backend(self, x: torch.Tensor) -> str:
+    def step_backend(self, x: torch.Tensor) -> str:
         """The configured backend, or "recurrent" for one token at a time (decoding) on CPU with "auto": the
         step form computes the same function without padding a whole chunk."""
         backend = self.config.backend

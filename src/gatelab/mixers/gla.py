@@ -99,7 +99,7 @@ class GatedLinearAttention(LinearMixer):
             initial_state=initial_state,
             output_final_state=True,
             chunk_size=c.chunk_size,
-            backend=self.token_loop_backend(x),
+            backend=self.step_backend(x),
         )  # (B, T, H, V)
         o = self.norm(o) * F.silu(self.r_proj(x).view(B, T, H, -1))
         y = self.o_proj(o.reshape(B, T, -1))

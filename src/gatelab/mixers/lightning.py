@@ -89,7 +89,7 @@ class LightningAttention(LinearMixer):
             initial_state=initial_state,
             output_final_state=True,
             chunk_size=c.chunk_size,
-            backend=self.token_loop_backend(x),
+            backend=self.step_backend(x),
         )  # (B, T, H, D)
         gate = torch.sigmoid(u) if c.output_gate == "sigmoid" else u  # (B, T, H*D)
         y = self.o_proj(self.norm(o.reshape(B, T, H * D)) * gate)
