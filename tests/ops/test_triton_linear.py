@@ -172,6 +172,30 @@ def test_gated_deltanet_strong_decay_and_full_write():
     assert all(torch.isfinite(t.grad).all() for t in x.values())
 
 
+def test_gated_deltanet_closed_gates_match_reference():
+    """finfo(float32).min log decays, two in a row inside a chunk: the within-chunk cumulative sums would be
+    -inf and their differences NaN; at the floor the kernels give the reference's output and gradients."""
+    x = _gdn_inputs(1, 40, 1, 16, 16)
+    g = x["g"].detach().clone()
+    g[:, [3, 4, 20, 33]] = torch.finfo(torch.float32).min
+    x["g"] = g.requires_grad_()
+    _compare(x, gated_deltanet_triton, gated_deltanet_reference, torch.float32, chunk_size=16)
+
+
+@pytest.mark.parametrize("name", ["gla", "lightning", "gated_deltanet"])
+def test_empty_batch(name):
+    """B = 0: an empty output of the right shape from the kernels' host code (reshapes that inferred -1
+    from zero elements failed)."""
+    q, k, v = (torch.randn(0, 5, 2, 16, device=DEVICE) for _ in range(3))
+    gates = {
+        "gla": (-torch.rand(0, 5, 2, 16, device=DEVICE),),
+        "lightning": (-torch.rand(2, device=DEVICE),),
+        "gated_deltanet": (-torch.rand(0, 5, 2, device=DEVICE), torch.rand(0, 5, 2, device=DEVICE)),
+    }[name]
+    o, state = getattr(ops, name)(q, k, v, *gates, output_final_state=True, backend="triton")
+    assert o.shape == (0, 5, 2, 16) and state.shape == (0, 2, 16, 16)
+
+
 def test_gated_deltanet_packed_sequences():
     """cu_seqlens == each sequence run on its own from its own initial state."""
     x = _gdn_inputs(1, 30, 1, 16, 16)
