@@ -78,9 +78,8 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-        limits = [f"{sign} {bound:g}" for sign, bound in ((">=", low), ("<=", high)) if bound is not None]
-        expected = "".join(f" {limit}" for limit in limits[:1]) + "".join(f" and {x}" for x in limits[1:])
-        raise ValueError(f"{name} must be a number{expected} (finite), got {value!r}")
+        limits = [f" {sign} {bound:g}" for sign, bound in ((">=", low), ("<=", high)) if bound is not None]
+        raise ValueError(f"{name} must be a number{' and'.join(limits)} (finite), got {value!r}")
     return value
 
 
@@ -108,19 +107,18 @@ def check_finite_future(op: str, q_len: int, **tensors: torch.Tensor | None) -> 
     a token out of earlier outputs, so it is refused. One reduction and one host sync for all tensors;
     skipped under torch.compile, as the gate checks.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q_len < 2:
         return
-    present = {name: t for name, t in tensors.items() if t is not None and q_len > 1}
-    future = [t[:, t.shape[1] - q_len + 1 :] for t in present.values()]
-    if not future or not sum(t.numel() for t in future):
+    future = {name: t[:, t.shape[1] - q_len + 1 :] for name, t in tensors.items() if t is not None}
+    if not any(t.numel() for t in future.values()):
         return
-    finite = torch.stack([torch.isfinite(t).all() for t in future]).tolist()
-    bad = [name for name, ok in zip(present, finite) if not ok]
+    finite = torch.stack([torch.isfinite(t).all() for t in future.values()]).tolist()
+    bad = [name for name, ok in zip(future, finite) if not ok]
     if bad:
         raise ValueError(
-            f"{op}: {' and '.join(bad)} must be finite (found inf or NaN in the last {q_len - 1} positions, "
-            f"which earlier queries must not see); a non-finite future token would reach earlier outputs "
-            f"through the masked products, so causal ops refuse it"
+            f"{op}: {' and '.join(bad)} must be finite in the last {q_len - 1} positions, which earlier "
+            f"queries see as future: masked products (0 * NaN = NaN) would carry such a token into earlier "
+            f"outputs, so causal ops refuse it"
         )
 
 

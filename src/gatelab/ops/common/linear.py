@@ -21,21 +21,23 @@ def check_linear_options(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     chunk_size: int | None,
+    extra_columns: int = 0,
 ) -> None:
-    """Checks every linear-attention op shares: cu_seqlens, initial_state (B or N, H, K, V), chunk_size
-    (None: the backend's own default, nothing to check)."""
+    """Checks every linear-attention op shares: cu_seqlens, initial_state (B or N, H, K, V + extra_columns)
+    (LINA carries its normaliser in one more column), chunk_size (None: the backend's own default)."""
     B, T, H, K = q.shape
     check_cu_seqlens(cu_seqlens, B, T)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, 4, "(B, H, K, V)")
+        V = f"V+{extra_columns}" if extra_columns else "V"
+        check_tensor("initial_state", initial_state, 4, f"(B, H, K, {V})")
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        expected = (n, H, K, v.shape[-1])
+        expected = (n, H, K, v.shape[-1] + extra_columns)
         if tuple(initial_state.shape) != expected:
             who = "N sequences" if cu_seqlens is not None else "B"
             raise ValueError(
-                f"{op}: initial_state must have shape (B or N, H, K, V) = {expected} ({who}), "
+                f"{op}: initial_state must have shape (B or N, H, K, {V}) = {expected} ({who}), "
                 f"got {tuple(initial_state.shape)}"
             )
     if chunk_size is not None and (

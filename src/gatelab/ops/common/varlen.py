@@ -27,15 +27,11 @@ def run_packed(
     """
     bounds = cu_seqlens.tolist()
     n = len(bounds) - 1
-    rows = (
-        initial_state
-        if isinstance(initial_state, torch.Tensor) or initial_state is None
-        else initial_state[0]
-    )
-    if rows is not None and rows.shape[0] != n:
+    first = initial_state[0] if isinstance(initial_state, tuple) else initial_state  # a tuple's first field
+    if first is not None and first.shape[0] != n:
         raise ValueError(
             f"initial_state must have one state per sequence ({n}) when cu_seqlens is given, "
-            f"got shape {tuple(rows.shape)}"
+            f"got shape {tuple(first.shape)}"
         )
     outputs, finals = [], []
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):

@@ -13,8 +13,8 @@ from .recurrent import flow_recurrent, flow_step
 from .reference import flow_attention_matrix, flow_reference, flows
 from .state import FlowState, check_flow_state
 
-BACKENDS = ("reference", "chunk", "recurrent")
 _FUNCTIONS = {"reference": flow_reference, "chunk": flow_chunk, "recurrent": flow_recurrent}
+BACKENDS = tuple(_FUNCTIONS)
 
 
 def flow(

@@ -19,13 +19,13 @@ from .chunk import gated_deltanet_chunk
 from .recurrent import gated_deltanet_recurrent, gated_deltanet_step
 from .reference import gated_deltanet_attention_matrix, gated_deltanet_reference
 
-BACKENDS = ("reference", "chunk", "recurrent", "triton")
 _FUNCTIONS = {
     "reference": gated_deltanet_reference,
     "chunk": gated_deltanet_chunk,
     "recurrent": gated_deltanet_recurrent,
     "triton": None,
 }
+BACKENDS = tuple(_FUNCTIONS)
 GATE_DTYPES = (torch.float32,)  # gates may stay fp32 when q/k/v are half precision
 
 

@@ -9,11 +9,11 @@ from gatelab.ops.common.checks import check_attention_values, check_log_gate, ch
 from gatelab.ops.common.linear import check_linear_options, run_linear
 
 from .chunk import gla_chunk
-from .recurrent import gla_recurrent
-from .reference import gla_attention_matrix, gla_reference, gla_step
+from .recurrent import gla_recurrent, gla_step
+from .reference import gla_attention_matrix, gla_reference
 
-BACKENDS = ("reference", "chunk", "recurrent", "triton")
 _FUNCTIONS = {"reference": gla_reference, "chunk": gla_chunk, "recurrent": gla_recurrent, "triton": None}
+BACKENDS = tuple(_FUNCTIONS)
 
 
 # Default tokens per chunk of each backend. "chunk" (PyTorch) at T=2048, B=1, H=4, K=V=64, fp32 forward+

@@ -10,22 +10,16 @@ from gatelab.ops.common.checks import check_attention_values, check_log_gate, ch
 from gatelab.ops.common.linear import check_linear_options, run_linear
 
 from .chunk import lightning_chunk
-from .recurrent import lightning_recurrent
-from .reference import (
-    alibi_slopes,
-    expand_decay,
-    lightning_attention_matrix,
-    lightning_reference,
-    lightning_step,
-)
+from .recurrent import lightning_recurrent, lightning_step
+from .reference import alibi_slopes, expand_decay, lightning_attention_matrix, lightning_reference
 
-BACKENDS = ("reference", "chunk", "recurrent", "triton")
 _FUNCTIONS = {
     "reference": lightning_reference,
     "chunk": lightning_chunk,
     "recurrent": lightning_recurrent,
     "triton": None,
 }
+BACKENDS = tuple(_FUNCTIONS)
 
 
 def lightning(

@@ -8,20 +8,19 @@ import torch
 from gatelab.ops.common.checks import (
     check_attention_values,
     check_choice,
-    check_cu_seqlens,
     check_number,
     check_qkv,
     check_same,
     check_tensor,
 )
-from gatelab.ops.common.linear import run_linear
+from gatelab.ops.common.linear import check_linear_options, run_linear
 
 from .chunk import causal_linear_attention_chunk, global_linear_attention, lina_chunk
 from .recurrent import lina_recurrent, lina_step
 from .reference import FEATURE_MAPS, lina_attention_matrix, lina_features, lina_reference, phi
 
-BACKENDS = ("reference", "chunk", "recurrent")
 _FUNCTIONS = {"reference": lina_reference, "chunk": lina_chunk, "recurrent": lina_recurrent}
+BACKENDS = tuple(_FUNCTIONS)
 
 
 def check_state_free(op: str, causal: bool, initial_state, output_final_state: bool) -> None:
@@ -112,24 +111,12 @@ def lina(
     check_choice("feature_map", feature_map, FEATURE_MAPS)
     check_options("lina", causal, eps, chunk_size, backend)
     check_state_free("lina", causal, initial_state, output_final_state)
-    check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, 4, "(B, H, K, V+1)")
-        n = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        if tuple(initial_state.shape) != (n, H, K, V + 1):
-            raise ValueError(
-                f"initial_state must have shape (B or N, H, K, V+1) = {(n, H, K, V + 1)}, "
-                f"got {tuple(initial_state.shape)}"
-            )
-        if initial_state.device != q.device:
-            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
-    check_attention_values("lina", T, causal=causal, k=k, v=v)
+    check_linear_options("lina", q, v, initial_state, cu_seqlens, None, extra_columns=1)
+    check_attention_values("lina", q.shape[1], causal=causal, k=k, v=v)
     return run_linear(
-        "lina", backend, _FUNCTIONS, (q, k, v, key_gate, value_gate), chunk_size=chunk_size, causal=causal, feature_map=feature_map,
-        eps=float(eps), initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
+        "lina", backend, _FUNCTIONS, (q, k, v, key_gate, value_gate), chunk_size=chunk_size, causal=causal,
+        feature_map=feature_map, eps=float(eps), initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 
