@@ -36,20 +36,29 @@ def _grid(B, T, H):
 
 OPS = {
     "softmax": Op(lambda q, k, v, **o: ops.softmax(q, k, v, **o), ("reference", "sdpa")),
-    "sliding_window": Op(lambda q, k, v, **o: ops.sliding_window(q, k, v, window=3, **o), ("reference", "sdpa", "flex")),
-    "gated_softmax": Op(lambda q, k, v, **o: ops.gated_softmax(q, k, v, torch.zeros_like(q), **o), ("reference", "sdpa")),
+    "sliding_window": Op(
+        lambda q, k, v, **o: ops.sliding_window(q, k, v, window=3, **o), ("reference", "sdpa", "flex")
+    ),
+    "gated_softmax": Op(
+        lambda q, k, v, **o: ops.gated_softmax(q, k, v, torch.zeros_like(q), **o), ("reference", "sdpa")
+    ),
     "clipped_softmax": Op(
         lambda q, k, v, **o: ops.clipped_softmax(q, k, v, zeta=1.05, gamma=-0.05, **o), ("reference", "chunk")
     ),
     "hip": Op(
-        lambda q, k, v, **o: ops.hip(q, k, v, topk=1, block_size_k=2, sinks=1, window=1, **o), ("reference", "flex")
+        lambda q, k, v, **o: ops.hip(q, k, v, topk=1, block_size_k=2, sinks=1, window=1, **o),
+        ("reference", "flex"),
     ),
     "psa": Op(lambda q, k, v, **o: ops.psa(q, k, v, block_size_k=8, **o), ("reference", "flex")),
     "neighborhood": Op(
-        lambda q, k, v, **o: ops.neighborhood(q, k, v, kernel_size=3, causal=True, **o), ("reference", "sdpa", "flex")
+        lambda q, k, v, **o: ops.neighborhood(q, k, v, kernel_size=3, causal=True, **o),
+        ("reference", "sdpa", "flex"),
     ),
     "biformer": Op(
-        lambda q, k, v, **o: ops.biformer(q, k, v, regions=2, topk=2, **o), ("reference", "flex"), False, shape=_grid
+        lambda q, k, v, **o: ops.biformer(q, k, v, regions=2, topk=2, **o),
+        ("reference", "flex"),
+        False,
+        shape=_grid,
     ),
     "gla": Op(
         lambda q, k, v, **o: ops.gla(q, k, v, torch.full_like(k, -0.1), **o),
@@ -70,7 +79,7 @@ OPS = {
     ),
     "lina": Op(lambda q, k, v, **o: ops.lina(q, k, v, **o), ("reference", "chunk", "recurrent"), linear=True),
     "flow": Op(lambda q, k, v, **o: ops.flow(q, k, v, **o), ("reference", "chunk", "recurrent"), linear=True),
-}  # fmt: skip
+}
 CAUSAL = [name for name, op in OPS.items() if op.causal]
 WITH_SCALE = [name for name in OPS if name not in ("lina", "flow")]  # the ops that take a scale
 CASES = [(name, backend) for name, op in OPS.items() for backend in op.backends]

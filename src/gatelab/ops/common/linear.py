@@ -113,8 +113,8 @@ def run_linear(
     if name in ("chunk", "triton"):
         options["chunk_size"] = chunk_size[name] if isinstance(chunk_size, Mapping) else chunk_size
     return run_backend(
-        fn, tensors, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-        **options,
+        fn, tensors, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, **options,
     )  # fmt: skip
 
 

@@ -51,7 +51,8 @@ def token_loop_backend(
     """A token-loop backend of a linear op from its one-token ``step(state, q, k, v, *gates, scale)`` (see
     :func:`run_steps`): ``name(q, k, v, *gates, *, scale=None, initial_state=None, output_final_state=False)``
     with the gates named as in the step, so they can be passed by keyword too; scale defaults to
-    K ** -0.5 and ``prepare(q, *gates)`` returns the gates indexed along T (e.g. a per-head decay expanded)."""
+    K ** -0.5 and ``prepare(q, *gates)`` returns the gates indexed along T (e.g. a per-head decay
+    expanded)."""
     gates = list(inspect.signature(step).parameters)[4:-1]
     keyword = inspect.Parameter.KEYWORD_ONLY
     signature = inspect.Signature(

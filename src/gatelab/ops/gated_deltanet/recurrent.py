@@ -29,7 +29,7 @@ def gated_deltanet_step(
 
 
 def _scaled_step(state, q, k, v, g, beta, scale):
-    """:func:`gated_deltanet_step` in the order and casts of :func:`gatelab.ops.common.recurrent.run_steps`."""
+    """:func:`gated_deltanet_step` with the argument order and fp32 casts that ``run_steps`` uses."""
     return gated_deltanet_step(q.float() * scale, k.float(), v.float(), g.float(), beta.float(), state)
 
 

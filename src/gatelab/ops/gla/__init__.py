@@ -45,7 +45,8 @@ def gla(
         output_final_state: also return the final state (B, H, K, V) fp32 (or (N, H, K, V)).
         cu_seqlens: (N+1,) int offsets of packed sequences in a (1, T, ...) batch; each starts afresh.
         chunk_size: tokens per chunk of the chunked form; None: the backend's own (CHUNK_SIZE: 32 for
-            "chunk", measured fastest on CPU with its sub-chunk backward; 64 for "triton").
+            "chunk", measured fastest on CPU with its sub-chunk backward; 64 for "triton"); a chunk never
+            runs longer than T rounded up to a power of two.
         backend: "reference" (fp32 loop), "chunk", "recurrent", "triton" (CUDA), or "auto".
     Returns:
         o: (B, T, H, V) in q's dtype, and the final state or None.
@@ -63,7 +64,8 @@ def gla(
     check_linear_options("gla", q, v, initial_state, cu_seqlens, chunk_size)
     return run_linear(
         "gla", backend, _FUNCTIONS, (q, k, v, g), chunk_size=CHUNK_SIZE if chunk_size is None else chunk_size,
-        scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
     )  # fmt: skip
 
 

@@ -46,7 +46,7 @@ def lightning(
         initial_state: (B, H, K, V) state to start from (fp32), or (N, H, K, V) with cu_seqlens.
         output_final_state: also return the final state (B, H, K, V) fp32 (or (N, H, K, V)).
         cu_seqlens: (N+1,) int offsets of packed sequences in a (1, T, ...) batch; each starts afresh.
-        chunk_size: tokens per block of the chunked form.
+        chunk_size: tokens per block of the chunked form (at most T rounded up to a power of two).
         backend: "reference" (fp32 loop), "chunk", "recurrent", "triton" (CUDA), or "auto".
     Returns:
         o: (B, T, H, V) in q's dtype, and the final state or None.

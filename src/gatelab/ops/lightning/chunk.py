@@ -37,5 +37,6 @@ def lightning_chunk(
 
 
 def _scores(qc: torch.Tensor, kc: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Intra-block scores (q k^T) * causal decay matrix: (B, H, n, C, K), b (B, H, n, C) -> (B, H, n, C, C)."""
+    """Intra-block scores (q k^T) * causal decay matrix: (B, H, n, C, K), b (B, H, n, C) ->
+    (B, H, n, C, C)."""
     return (qc @ kc.transpose(-1, -2)) * causal_decay_matrix(b)
