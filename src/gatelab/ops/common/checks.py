@@ -131,6 +131,17 @@ def check_attention_values(op: str, q_len: int, *, scale=None, causal: bool = Tr
         check_finite_future(op, q_len, **future)
 
 
+def check_causal(op: str, causal, q: torch.Tensor, k: torch.Tensor) -> None:
+    """``causal`` is a bool; causal queries (bottom-right aligned) need at least as many keys (B, S, ...)
+    as there are queries (B, T, ...)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and k.shape[1] < q.shape[1]:
+        raise ValueError(
+            f"causal {op} needs at least as many keys as queries, got {q.shape[1]} queries and {k.shape[1]} keys"
+        )
+
+
 def check_log_gate(name: str, g: torch.Tensor, check_values: bool = True) -> None:
     """Decays are passed in log space: every value must be <= 0 (and finite)."""
     if check_values and not torch.compiler.is_compiling():

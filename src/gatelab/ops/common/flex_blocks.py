@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common import flex
+from gatelab.ops.common.backend import resolve_backend
 
 
 def flex_available() -> bool:
@@ -58,6 +59,11 @@ def run_flex(q, k, v, block_mask, scale: float, score_mod=None, compiled: bool |
     if not torch.is_grad_enabled():  # flex refuses inputs that require grad on CPU, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     return flex.run_flex(q, k, v, block_mask, scale=scale, score_mod=score_mod, compile=compiled)
+
+
+def routed_backend(op: str, backend: str, q: torch.Tensor) -> str:
+    """The backend a routed op runs, "reference" or "flex" (see :func:`auto_order` for "auto")."""
+    return resolve_backend(op, backend, {"reference": True, "flex": flex_available}, auto_order(q))
 
 
 def auto_order(q: torch.Tensor) -> tuple[str, ...]:
