@@ -123,7 +123,8 @@ def neighborhood(
     spatial = check_inputs(q, k, v, additional_keys, additional_values)
     kernel_size, stride, dilation, causal = normalize_args(spatial, kernel_size, stride, dilation, causal)
     N = math.prod(spatial)
-    # causal in any dim: every token but the first (0 in every dim) is in some query's future
+    # causal in any dim: every token but the first (0 in every dim) is checked; with a 1D map these are the
+    # future tokens, with some dims causal a superset (tokens at 0 in every causal dim are never future)
     flat = {name: x.flatten(1, len(spatial)) for name, x in (("k", k), ("v", v))}
     check_attention_values("neighborhood", N, scale=scale, causal=any(causal), **flat)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
