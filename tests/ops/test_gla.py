@@ -141,7 +141,7 @@ def test_chunk_groups_match(monkeypatch):
     # long inputs run the intra-chunk part a group of chunks at a time; force one chunk per group
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("gatelab.ops.gla.chunk"), "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(importlib.import_module("gatelab.ops.common.chunk"), "GROUP_ELEMENTS", 1)
     q, k, v, g, h0 = make_inputs(2, 100, 2, 8, 8, strength=2.0)
     o, s = gla(q, k, v, g, initial_state=h0, output_final_state=True, chunk_size=16, backend="chunk")
     o_ref, s_ref = gla_reference(q, k, v, g, initial_state=h0, output_final_state=True)

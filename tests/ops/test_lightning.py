@@ -153,7 +153,7 @@ def test_chunk_groups_match(monkeypatch):
     # long inputs run the intra-block part a group of blocks at a time; force one block per group
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("gatelab.ops.lightning.chunk"), "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(importlib.import_module("gatelab.ops.common.chunk"), "GROUP_ELEMENTS", 1)
     q, k, v, decay, h0 = make_inputs(2, 100, 2, 8, 8, per_token=True)
     o, s = lightning(
         q, k, v, decay, initial_state=h0, output_final_state=True, chunk_size=16, backend="chunk"

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from helpers import DEVICE, triton_interpreted
 
 from gatelab import ops
+from gatelab.ops.common.varlen import run_packed
 from gatelab.ops.gated_deltanet.reference import gated_deltanet_reference
 from gatelab.ops.gla.reference import gla_reference
 from gatelab.ops.lightning.reference import lightning_reference
@@ -43,14 +44,17 @@ def case_id(case) -> str:
 
 
 def _compare(inputs, fast, reference, dtype, **options):
-    packed = {"cu_seqlens": options["cu_seqlens"]} if "cu_seqlens" in options else {}
+    """fast(**inputs, **options) against the reference, which runs packed sequences (cu_seqlens) one by one
+    as the ops' dispatchers do (the PyTorch backends take no cu_seqlens)."""
+
+    def expected(x):
+        if "cu_seqlens" not in options:
+            return reference(**x, output_final_state=True)
+        tensors = tuple(t for name, t in x.items() if name != "initial_state")
+        return run_packed(reference, options["cu_seqlens"], tensors, x["initial_state"], True)
+
     with nan_poison():
-        compare_grads(
-            inputs,
-            lambda x: fast(**x, output_final_state=True, **options),
-            lambda x: reference(**x, output_final_state=True, **packed),
-            dtype,
-        )
+        compare_grads(inputs, lambda x: fast(**x, output_final_state=True, **options), expected, dtype)
 
 
 # (B, T, H, K, V, chunk, dtype): several chunks with a ragged tail and K=60 masked to 64; T=63 in one
@@ -92,6 +96,16 @@ def test_gla_strong_decay_is_finite():
     assert torch.isfinite(grads["g"]).all()
     size = (x["q"] * grads_ref["q"]).abs().max()
     assert (grads["g"] - grads_ref["g"]).abs().max() <= 1e-5 * size
+
+
+def test_gla_closed_gates_match_reference():
+    """finfo(float32).min log gates, two in a row inside a chunk: the kernels' within-chunk cumulative sum
+    would be -inf and its differences NaN; the floored gate gives the reference's output and gradients."""
+    x = _gla_inputs(1, 40, 1, 16, 16)
+    g = x["g"].detach().clone()
+    g[:, [3, 4, 20, 33]] = torch.finfo(torch.float32).min
+    x["g"] = g.requires_grad_()
+    _compare(x, gla_triton, gla_reference, torch.float32, chunk_size=32)
 
 
 def test_gla_packed_sequences():
@@ -156,6 +170,30 @@ def test_gated_deltanet_strong_decay_and_full_write():
     torch.testing.assert_close(state, state_ref, rtol=1e-4, atol=1e-5)
     (o.sum() + state.sum()).backward()
     assert all(torch.isfinite(t.grad).all() for t in x.values())
+
+
+def test_gated_deltanet_closed_gates_match_reference():
+    """finfo(float32).min log decays, two in a row inside a chunk: the within-chunk cumulative sums would be
+    -inf and their differences NaN; at the floor the kernels give the reference's output and gradients."""
+    x = _gdn_inputs(1, 40, 1, 16, 16)
+    g = x["g"].detach().clone()
+    g[:, [3, 4, 20, 33]] = torch.finfo(torch.float32).min
+    x["g"] = g.requires_grad_()
+    _compare(x, gated_deltanet_triton, gated_deltanet_reference, torch.float32, chunk_size=16)
+
+
+@pytest.mark.parametrize("name", ["gla", "lightning", "gated_deltanet"])
+def test_empty_batch(name):
+    """B = 0: an empty output of the right shape from the kernels' host code (reshapes that inferred -1
+    from zero elements failed)."""
+    q, k, v = (torch.randn(0, 5, 2, 16, device=DEVICE) for _ in range(3))
+    gates = {
+        "gla": (-torch.rand(0, 5, 2, 16, device=DEVICE),),
+        "lightning": (-torch.rand(2, device=DEVICE),),
+        "gated_deltanet": (-torch.rand(0, 5, 2, device=DEVICE), torch.rand(0, 5, 2, device=DEVICE)),
+    }[name]
+    o, state = getattr(ops, name)(q, k, v, *gates, output_final_state=True, backend="triton")
+    assert o.shape == (0, 5, 2, 16) and state.shape == (0, 2, 16, 16)
 
 
 def test_gated_deltanet_packed_sequences():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_same, check_tensor
-from gatelab.ops.hip.flex_blocks import auto_order, flex_available
+from gatelab.ops.common.checks import check_heads, check_same, check_scale, check_tensor
+from gatelab.ops.common.flex_blocks import routed_backend
 
 from .flex import biformer_flex
 from .reference import biformer_reference
@@ -51,11 +50,13 @@ def biformer(
             f"q and k must have the same shape and v the same (B, Hh, Ww, H), got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    check_heads(q.shape[3])
+    check_scale(scale)
     grid = region_grid(q.shape[1], q.shape[2], regions)
     n_regions = grid[0] * grid[1]
     if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= n_regions:
         raise ValueError(f"topk must be an int in [1, {n_regions}] (the number of regions), got {topk!r}")
-    name = resolve_backend("biformer", backend, {"reference": True, "flex": flex_available}, auto_order(q))
+    name = routed_backend("biformer", backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = biformer_reference if name == "reference" else biformer_flex
     return fn(q, k, v, grid=grid, topk=topk, scale=scale)

@@ -3,7 +3,7 @@ a BlockMask of the routed regions (from_kv_blocks) and a mask_mod that looks the
 
 from __future__ import annotations
 
-from gatelab.ops.hip.flex_blocks import block_mask_from_rows, check_flex_grad, run_flex
+from gatelab.ops.common.flex_blocks import block_mask_from_rows, check_flex_grad, run_flex
 
 from .routing import from_regions, route, routed_regions, to_regions
 

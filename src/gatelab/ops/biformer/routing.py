@@ -46,9 +46,9 @@ def route(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int], topk: int) ->
     q (B, Hh, Ww, H, D), k (B, Hh, Ww, H, D) -> (B, R, topk) int64 region indices, R = Sh * Sw.
     The routing is not differentiated (the paper's default: gradients reach q and k through the tokens).
     """
-    B = q.shape[0]
-    q_region = to_regions(q.float(), grid).mean(dim=2).reshape(B, grid[0] * grid[1], -1)  # (B, R, H*D)
-    k_region = to_regions(k.float(), grid).mean(dim=2).reshape(B, grid[0] * grid[1], -1)
+    B, channels = q.shape[0], q.shape[3] * q.shape[4]  # explicit H*D: reshape cannot infer -1 when B = 0
+    q_region = to_regions(q.float(), grid).mean(dim=2).reshape(B, grid[0] * grid[1], channels)  # (B, R, H*D)
+    k_region = to_regions(k.float(), grid).mean(dim=2).reshape(B, grid[0] * grid[1], channels)
     affinity = q_region @ k_region.transpose(1, 2)  # (B, R, R) region-to-region adjacency
     return affinity.topk(topk, dim=-1).indices
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_qkv
+from gatelab.ops.common.checks import check_attention_values, check_number, check_qkv
 from gatelab.ops.softmax import check_attention_options
 
 from .chunk import clipped_softmax_chunk
@@ -16,12 +16,10 @@ BACKENDS = ("reference", "chunk")
 
 
 def check_clip_range(zeta: float, gamma: float) -> None:
-    if not isinstance(zeta, int | float) or zeta < 1:
-        raise ValueError(f"zeta must be a number >= 1 (the stretch's upper end), got {zeta!r}")
-    if not isinstance(gamma, int | float) or gamma > 0:
-        raise ValueError(
-            f"gamma must be a number <= 0 (the stretch's lower end, e.g. -alpha / T), got {gamma!r}"
-        )
+    """zeta >= 1 (the stretch's upper end) and gamma <= 0 (its lower end, e.g. -alpha / T), both finite: an
+    infinite stretch times a probability of 0 is NaN, and NaN passes every plain comparison."""
+    check_number("zeta", zeta, low=1)
+    check_number("gamma", gamma, high=0)
 
 
 def clipped_softmax(
@@ -50,6 +48,7 @@ def clipped_softmax(
     check_qkv(q, k, v)
     check_attention_options(q, k, causal, None, 0)
     check_clip_range(zeta, gamma)
+    check_attention_values("clipped_softmax", q.shape[1], scale=scale, causal=causal, k=k, v=v)
     name = resolve_backend("clipped_softmax", backend, {"reference": True, "chunk": True}, ("chunk",))
     fn = clipped_softmax_reference if name == "reference" else clipped_softmax_chunk
     return fn(q, k, v, zeta=zeta, gamma=gamma, causal=causal, scale=scale)

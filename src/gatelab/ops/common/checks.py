@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -52,11 +55,91 @@ def check_qkv(
     if same_length and q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must have the same length T, got {q.shape[1]} and {k.shape[1]}")
     H, Hkv = q.shape[2], k.shape[2]
+    check_heads(H, Hkv)
     if H % Hkv != 0:
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hkv})")
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     return H, Hkv
+
+
+def check_heads(H: int, Hkv: int | None = None) -> None:
+    """Heads are a model dimension: zero heads is a configuration error (and H / Hkv, the group size of
+    grouped-query attention, has no value), not an empty batch."""
+    if H < 1 or (Hkv is not None and Hkv < 1):
+        got = f"H={H}" if Hkv is None else f"H={H} query heads and Hkv={Hkv} key/value heads"
+        raise ValueError(f"attention needs at least one head (H >= 1), got {got}")
+
+
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None) -> float:
+    """A finite real number (not a bool) in [low, high]; returns it as a float. NaN fails every comparison,
+    so a plain ``value < low`` would let it through."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        limits = [f" {sign} {bound:g}" for sign, bound in ((">=", low), ("<=", high)) if bound is not None]
+        raise ValueError(f"{name} must be a number{' and'.join(limits)} (finite), got {value!r}")
+    return value
+
+
+def check_scale(scale) -> None:
+    """A query/score scale: None (the op's default, D ** -0.5) or a finite number > 0.
+
+    A scale is a temperature: 0 ignores the queries and a negative one is the same as passing -q, neither
+    has a use in the papers implemented here, and SDPA/flex apply the mask before the scale (-inf * 0 is
+    NaN, -inf * -1 is +inf), so they are refused for every op rather than accepted by some paths."""
+    if scale is None:
+        return
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0 (or None for D ** -0.5), got {scale!r}")
+
+
+def check_finite_future(op: str, q_len: int, **tensors: torch.Tensor | None) -> None:
+    """Causal ops: refuse a non-finite value in a token that some query sees only in its future.
+
+    tensors: (B, S, ...) with time along dim 1 (keys, values, ... ), queries bottom-right aligned, so the
+    last ``q_len - 1`` positions are in the future of the first query and every earlier one is in every
+    query's past; only those are read (a decoding step, q_len = 1, reads nothing). Matmul-based paths
+    (SDPA, chunked linear attention) multiply a masked entry by 0 and 0 * NaN is NaN: no mask can keep such
+    a token out of earlier outputs, so it is refused. One reduction and one host sync for all tensors;
+    skipped under torch.compile, as the gate checks.
+    """
+    if torch.compiler.is_compiling() or q_len < 2:
+        return
+    future = {name: t[:, t.shape[1] - q_len + 1 :] for name, t in tensors.items() if t is not None}
+    if not any(t.numel() for t in future.values()):
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in future.values()]).tolist()
+    bad = [name for name, ok in zip(future, finite) if not ok]
+    if bad:
+        raise ValueError(
+            f"{op}: {' and '.join(bad)} must be finite in the last {q_len - 1} positions, which earlier "
+            f"queries see as future: masked products (0 * NaN = NaN) would carry such a token into earlier "
+            f"outputs, so causal ops refuse it"
+        )
+
+
+def check_attention_values(op: str, q_len: int, *, scale=None, causal: bool = True, **future) -> None:
+    """The value rules of an attention op: its ``scale`` (:func:`check_scale`) and, when causal, no
+    non-finite token among ``future`` (B, S, ...) where some query would see it as future
+    (:func:`check_finite_future`)."""
+    check_scale(scale)
+    if causal:
+        check_finite_future(op, q_len, **future)
+
+
+def check_causal(op: str, causal, q: torch.Tensor, k: torch.Tensor) -> None:
+    """``causal`` is a bool; causal queries (bottom-right aligned) need at least as many keys (B, S, ...)
+    as there are queries (B, T, ...)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and k.shape[1] < q.shape[1]:
+        raise ValueError(
+            f"causal {op} needs at least as many keys as queries, got {q.shape[1]} queries and {k.shape[1]} keys"
+        )
 
 
 def check_log_gate(name: str, g: torch.Tensor, check_values: bool = True) -> None:

@@ -5,13 +5,46 @@ decay-free causal linear attention.
 Numerical rule: decays live in log space and every factor we exponentiate is a difference b_i - b_j with
 i at or after j, so it is <= 0 and exp() never overflows. Cumulative log decays are always taken *within*
 a chunk (Gated Linear Attention Transformers with Hardware-Efficient Training (Yang et al., 2023), sec. 4),
-never across the whole sequence, so they stay small enough for fp32.
+never across the whole sequence, so they stay small enough for fp32. A log decay below
+``LOG_DECAY_FLOOR`` is raised to it before the sum (see there): a closed gate such as
+``torch.finfo(torch.float32).min`` would otherwise make two such sums -inf and their difference NaN.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+# exp() of anything below -103.98 is exactly 0 in fp32 (the smallest subnormal is exp(-103.3)), and the
+# chunked forms run in fp32: a log decay raised to the floor multiplies the state by the same 0, so the
+# function does not change. What changes is that a chunk's cumulative sum of such decays stays finite
+# (k * -110 for k closed gates rather than -inf, whose differences -inf - -inf are NaN), so a closed gate
+# (torch.finfo(torch.float32).min) gives the reference's result. Every difference b_i - b_j that spans a
+# floored decay is <= -110, and the margin of 6 past the underflow covers the rounding of sums up to ~1e7,
+# so its exp() is still exactly 0. Exact in every float dtype. Precision is that of any strong gate: each
+# closed token adds 110 to the within-chunk sums (every other token closed, C=64: 6.6e-5 relative RMS
+# against the reference, against 1.1e-4 with a floor of -128).
+LOG_DECAY_FLOOR = -110.0
+
+GROUP_ELEMENTS = 2**21  # ~8 MB of fp32 per intra-chunk temporary: see chunk_groups
+
+
+def chunk_length(chunk_size: int, T: int) -> int:
+    """The chunk length to run: ``chunk_size``, or T rounded up to a power of two when that is shorter.
+
+    Past T a chunk holds only padding, the same function in more memory (chunk_size=10**6 would allocate
+    terabytes); a power of two keeps the divisors GLA's sub-chunks need and leaves every power-of-two
+    chunk_size as it was."""
+    return min(chunk_size, 1 << max(0, T - 1).bit_length())
+
+
+def chunk_groups(per_chunk: int) -> int:
+    """How many chunks to process at once so that a temporary of ``per_chunk`` elements per chunk stays near
+    GROUP_ELEMENTS: past the allocator's mmap threshold every temporary would be fresh pages from the OS
+    (GLA's time grew ~9x from T=2048 to 8192 instead of ~4x). At least 1, also for an empty batch."""
+    return max(1, GROUP_ELEMENTS // max(1, per_chunk))
 
 
 def pad_time(x: torch.Tensor, chunk_size: int, value: float = 0.0) -> torch.Tensor:
@@ -56,8 +89,9 @@ def chunk_qkv(q, k, v, chunk_size: int, scale: float | None):
 
 def chunk_cumsum(g: torch.Tensor, dim: int = 3) -> torch.Tensor:
     """Inclusive cumulative sum of log decays within each chunk (along the C dim, ``dim`` of
-    (B, H, N, C[, K])), in fp32: b_t = g_1 + ... + g_t of that chunk, so b is non-increasing and <= 0."""
-    return g.float().cumsum(dim)
+    (B, H, N, C[, K])), in fp32: b_t = g_1 + ... + g_t of that chunk, so b is non-increasing and <= 0.
+    Decays below LOG_DECAY_FLOOR count as the floor (the same factor 0, a finite sum)."""
+    return g.float().clamp(min=LOG_DECAY_FLOOR).cumsum(dim)
 
 
 def causal_decay_matrix(b: torch.Tensor) -> torch.Tensor:
@@ -127,6 +161,43 @@ def carry_across_chunks(
     return (qc * torch.exp(b)) @ states, final  # (B, H, N, C, V)
 
 
+def decayed_chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    intra: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    per_chunk: Callable[[int], int],
+    *,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked linear attention with a decay, the frame GLA and Lightning share: fp32 chunks, within-chunk
+    cumulative log decays, the carry across chunks, and the intra-chunk scores a group of chunks at a time.
+
+    Args:
+        q, k: (B, T, H, K); v: (B, T, H, V).
+        log_decay: (B, T, H, K) key-wise or (B, T, H) one per head and token, <= 0.
+        intra: (qc, kc, b) of a group of chunks, (B, H, n, C, K) and b (B, H, n, C[, K]) -> the causal
+            decayed scores (B, H, n, C, C); q is already scaled.
+        per_chunk: C -> elements of intra's largest temporary per chunk (see :func:`chunk_groups`).
+        initial_state: (B, H, K, V) or None; chunk_size: tokens per chunk (see :func:`chunk_length`).
+    Returns:
+        o (B, T, H, V) in q's dtype and the final state (B, H, K, V) fp32.
+    """
+    T = q.shape[1]
+    C = chunk_length(chunk_size, T)
+    qc, kc, vc = chunk_qkv(q, k, v, C, scale)  # (B, H, N, C, K), (B, H, N, C, K), (B, H, N, C, V) fp32
+    b = chunk_cumsum(to_chunks(log_decay, C))  # (B, H, N, C[, K]), <= 0, non-increasing in C
+    # Inter-chunk: what each chunk adds to the state, decayed to its end; then the sequential scan.
+    o, final = carry_across_chunks(qc, kc, vc, b if b.ndim == 5 else b[..., None], initial_state)
+    group = chunk_groups(per_chunk(C))
+    pieces = zip(*(x.split(group, dim=2) for x in (qc, kc, b, vc)))
+    o = o + torch.cat([intra(qg, kg, bg) @ vg for qg, kg, bg, vg in pieces], dim=2)  # (B, H, N, C, V)
+    return from_chunks(o, T).to(q.dtype), final
+
+
 def causal_linear_attention_chunk(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +238,11 @@ def global_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 
 __all__ = [
+    "LOG_DECAY_FLOOR",
+    "GROUP_ELEMENTS",
+    "chunk_length",
+    "chunk_groups",
+    "decayed_chunk_attention",
     "pad_time",
     "to_chunks",
     "from_chunks",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_cu_seqlens, check_qkv
+from gatelab.ops.common.checks import check_attention_values, check_cu_seqlens, check_qkv
+from gatelab.ops.common.linear import run_linear
 from gatelab.ops.lina import check_options, check_state_free
 
 from .chunk import flow_chunk
@@ -13,27 +13,8 @@ from .recurrent import flow_recurrent, flow_step
 from .reference import flow_attention_matrix, flow_reference, flows
 from .state import FlowState, check_flow_state
 
-BACKENDS = ("reference", "chunk", "recurrent")
 _FUNCTIONS = {"reference": flow_reference, "chunk": flow_chunk, "recurrent": flow_recurrent}
-
-
-def _run_packed(fn, cu_seqlens, q, k, v, initial_state, output_final_state, **options):
-    """Each packed sequence on its own, with its own FlowState row (the shared runner takes one tensor state)."""
-    bounds = cu_seqlens.tolist()
-    outputs, finals = [], []
-    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        h0 = None if initial_state is None else initial_state.select(i, i + 1)
-        o, state = fn(
-            q[:, start:end],
-            k[:, start:end],
-            v[:, start:end],
-            initial_state=h0,
-            output_final_state=output_final_state,
-            **options,
-        )
-        outputs.append(o)
-        finals.append(state)
-    return torch.cat(outputs, dim=1), (FlowState.cat(finals) if output_final_state else None)
+BACKENDS = tuple(_FUNCTIONS)
 
 
 def flow(
@@ -93,14 +74,13 @@ def flow(
     if initial_state is not None:
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
         initial_state = check_flow_state(initial_state, n, H, K, v.shape[-1], q.device)
-    name = resolve_backend("flow", backend, {name: True for name in BACKENDS}, ("chunk",))
-    fn = _FUNCTIONS[name]
-    options = dict(causal=causal, eps=float(eps))
-    if name == "chunk":
-        options["chunk_size"] = chunk_size
-    if cu_seqlens is None:
-        return fn(q, k, v, initial_state=initial_state, output_final_state=output_final_state, **options)
-    return _run_packed(fn, cu_seqlens, q, k, v, initial_state, output_final_state, **options)
+    # q too: the flows' running sums carry every query into later tokens' weights
+    check_attention_values("flow", T, causal=causal, q=q, k=k, v=v)
+    return run_linear(
+        "flow", backend, _FUNCTIONS, (q, k, v), chunk_size=chunk_size, causal=causal,
+        eps=float(eps), initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
 
 
 __all__ = [

@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_cu_seqlens, check_log_gate, check_same, check_tensor
-from gatelab.ops.common.linear import triton_ready
-from gatelab.ops.common.varlen import run_packed
+from gatelab.ops.common.checks import (
+    check_attention_values,
+    check_cu_seqlens,
+    check_heads,
+    check_log_gate,
+    check_same,
+    check_tensor,
+)
+from gatelab.ops.common.linear import run_linear
 
 from .chunk import gated_deltanet_chunk
 from .recurrent import gated_deltanet_recurrent, gated_deltanet_step
 from .reference import gated_deltanet_attention_matrix, gated_deltanet_reference
 
-BACKENDS = ("reference", "chunk", "recurrent", "triton")
+_FUNCTIONS = {
+    "reference": gated_deltanet_reference,
+    "chunk": gated_deltanet_chunk,
+    "recurrent": gated_deltanet_recurrent,
+    "triton": None,
+}
+BACKENDS = tuple(_FUNCTIONS)
 GATE_DTYPES = (torch.float32,)  # gates may stay fp32 when q/k/v are half precision
 
 
@@ -39,6 +50,7 @@ def check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size, check_
     if q.shape[1] == 0:
         raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}")
     B, T, H, K = q.shape
+    check_heads(H)
     for name, x in (("g", g), ("beta", beta)):
         check_tensor(name, x, 3, "(B, T, H)")
         if x.shape != q.shape[:3]:
@@ -48,7 +60,7 @@ def check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size, check_
         if x.dtype != q.dtype and x.dtype not in GATE_DTYPES:
             raise TypeError(f"{name} must have q's dtype ({q.dtype}) or float32, got {x.dtype}")
     check_log_gate("g", g.detach(), check_values)
-    if check_values and not torch.compiler.is_compiling():
+    if check_values and not torch.compiler.is_compiling() and beta.numel():
         low, high = float(beta.detach().min()), float(beta.detach().max())
         if not (low >= 0 and high <= 1):  # also false for NaN
             raise ValueError(
@@ -110,40 +122,13 @@ def gated_deltanet(
         float32, or None unless ``output_final_state``.
     """
     check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
-    available = {
-        "reference": True,
-        "chunk": True,
-        "recurrent": True,
-        "triton": lambda: triton_ready(__name__, q),
-    }
-    name = resolve_backend("gated_deltanet", backend, available, ("triton", "chunk"))
+    check_attention_values("gated_deltanet", q.shape[1], scale=scale, k=k, v=v)
     if use_qk_l2norm:
         q, k = l2_normalize(q), l2_normalize(k)
-    options = {"scale": scale}
-    if name == "triton":
-        # imported lazily: needs triton and a GPU (or the interpreter); same signature as this op minus
-        # backend and use_qk_l2norm
-        from .triton import gated_deltanet_triton
-
-        return gated_deltanet_triton(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            **options,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-            chunk_size=chunk_size,
-        )
-    if name == "chunk":
-        fn, options["chunk_size"] = gated_deltanet_chunk, chunk_size
-    else:
-        fn = gated_deltanet_reference if name == "reference" else gated_deltanet_recurrent
-    if cu_seqlens is not None:
-        return run_packed(fn, cu_seqlens, (q, k, v, g, beta), initial_state, output_final_state, **options)
-    return fn(q, k, v, g, beta, **options, initial_state=initial_state, output_final_state=output_final_state)
+    return run_linear(
+        "gated_deltanet", backend, _FUNCTIONS, (q, k, v, g, beta), chunk_size=chunk_size, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
 
 
 __all__ = [

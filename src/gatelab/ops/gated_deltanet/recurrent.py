@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.recurrent import initial_or_zeros
+from gatelab.ops.common.recurrent import token_loop_backend
 
 
 def gated_deltanet_step(
@@ -28,26 +28,10 @@ def gated_deltanet_step(
     return torch.einsum("bhk,bhkv->bhv", q, state), state
 
 
-def gated_deltanet_recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token loop over :func:`gated_deltanet_step` in fp32; arguments and shapes as
-    :func:`gatelab.ops.gated_deltanet`."""
-    B, T, H, K = q.shape
-    scale = K**-0.5 if scale is None else scale
-    qf, kf, vf, gf, bf = q.float() * scale, k.float(), v.float(), g.float(), beta.float()
-    S = initial_or_zeros(initial_state, q, v)  # (B, H, K, V) fp32
-    outputs = []
-    for t in range(T):
-        o_t, S = gated_deltanet_step(qf[:, t], kf[:, t], vf[:, t], gf[:, t], bf[:, t], S)
-        outputs.append(o_t)
-    o = torch.stack(outputs, dim=1)  # (B, T, H, V)
-    return o.to(q.dtype), (S if output_final_state else None)
+def _scaled_step(state, q, k, v, g, beta, scale):
+    """:func:`gated_deltanet_step` with the argument order and fp32 casts that ``run_steps`` uses."""
+    return gated_deltanet_step(q.float() * scale, k.float(), v.float(), g.float(), beta.float(), state)
+
+
+# (q, k, v, g, beta, *, scale, initial_state, output_final_state): the token loop in fp32
+gated_deltanet_recurrent = token_loop_backend(_scaled_step, "gated_deltanet_recurrent")

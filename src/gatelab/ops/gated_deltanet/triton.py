@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from gatelab.ops.common.chunk import chunk_cumsum
 from gatelab.ops.common.triton_utils import dot_f32, dot_precision, run_chunked
 
 
@@ -148,14 +149,16 @@ def _chunks(x: torch.Tensor, L: int) -> torch.Tensor:
     pad = -x.shape[2] % L
     if pad:
         x = F.pad(x, (0, 0) * (x.ndim - 3) + (0, pad))
-    return x.reshape(*x.shape[:2], -1, L, *x.shape[3:])
+    return x.reshape(*x.shape[:2], x.shape[2] // L, L, *x.shape[3:])  # explicit NT: -1 fails when B = 0
 
 
 def _gated_deltanet_one(q, k, v, g, beta, *, scale, initial_state, output_final_state, chunk_size):
     B, T, H, K = q.shape
     L = chunk_size
     qc, kc, vc = _chunks(q, L), _chunks(k, L), _chunks(v, L)  # (B, H, NT, L, K|V)
-    gc = _chunks(g, L).cumsum(-1)  # (B, H, NT, L) cumulative log decay inside each chunk; padding g = 0
+    # (B, H, NT, L) cumulative log decay inside each chunk, closed gates at the floor (differences of two
+    # -inf sums would be NaN); padding g = 0
+    gc = chunk_cumsum(_chunks(g, L), dim=-1)
     bc = _chunks(beta, L)  # padding beta = 0: padded steps change nothing
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     decay = torch.exp((gc[..., :, None] - gc[..., None, :]).masked_fill(~causal, float("-inf")))  # (.., L, L)
@@ -170,7 +173,7 @@ def _gated_deltanet_one(q, k, v, g, beta, *, scale, initial_state, output_final_
     h, delta, ht = _Recurrence.apply(w, u, kd, gc[..., -1].exp(), initial_state, dot_precision(q))
     scores = (qc @ kc.transpose(-1, -2)) * decay  # (B, H, NT, L, L), causal inside the chunk
     o = scale * ((qc * gc.exp()[..., None]) @ h + scores @ delta)  # (B, H, NT, L, V)
-    o = o.reshape(B, H, -1, v.shape[-1])[:, :, :T].transpose(1, 2)  # (B, T, H, V)
+    o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
     return o.to(q.dtype), (ht if output_final_state else None)
 
 

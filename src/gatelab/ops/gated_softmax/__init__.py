@@ -9,7 +9,13 @@ import importlib.util
 import torch
 
 from gatelab.ops.common.backend import resolve_backend, triton_available
-from gatelab.ops.common.checks import check_choice, check_qkv, check_same, check_tensor
+from gatelab.ops.common.checks import (
+    check_attention_values,
+    check_choice,
+    check_qkv,
+    check_same,
+    check_tensor,
+)
 from gatelab.ops.softmax import check_attention_options
 
 from .reference import COMBINES, GATE_FUNCTIONS, apply_gate, gate_activation, gated_softmax_reference
@@ -61,6 +67,7 @@ def gated_softmax(
         )
     check_choice("gate_fn", gate_fn, GATE_FUNCTIONS)
     check_choice("combine", combine, COMBINES)
+    check_attention_values("gated_softmax", q.shape[1], scale=scale, causal=causal, k=k, v=v)
     triton_ok = lambda: (  # noqa: E731
         combine == "multiply"
         and gate_fn in ("sigmoid", "silu")

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_log_gate, check_qkv, check_tensor
-from gatelab.ops.common.linear import check_linear_options, triton_ready
+from gatelab.ops.common.checks import check_attention_values, check_log_gate, check_qkv, check_tensor
+from gatelab.ops.common.linear import check_linear_options, run_linear
 
 from .chunk import gla_chunk
 from .recurrent import gla_recurrent, gla_step
 from .reference import gla_attention_matrix, gla_reference
 
-BACKENDS = ("reference", "chunk", "recurrent", "triton")
-AUTO_ORDER = ("triton", "chunk")  # "auto" takes the Triton kernels on CUDA, the chunked form elsewhere
+_FUNCTIONS = {"reference": gla_reference, "chunk": gla_chunk, "recurrent": gla_recurrent, "triton": None}
+BACKENDS = tuple(_FUNCTIONS)
 
 
 # Default tokens per chunk of each backend. "chunk" (PyTorch) at T=2048, B=1, H=4, K=V=64, fp32 forward+
@@ -46,7 +45,8 @@ def gla(
         output_final_state: also return the final state (B, H, K, V) fp32 (or (N, H, K, V)).
         cu_seqlens: (N+1,) int offsets of packed sequences in a (1, T, ...) batch; each starts afresh.
         chunk_size: tokens per chunk of the chunked form; None: the backend's own (CHUNK_SIZE: 32 for
-            "chunk", measured fastest on CPU with its sub-chunk backward; 64 for "triton").
+            "chunk", measured fastest on CPU with its sub-chunk backward; 64 for "triton"); a chunk never
+            runs longer than T rounded up to a power of two.
         backend: "reference" (fp32 loop), "chunk", "recurrent", "triton" (CUDA), or "auto".
     Returns:
         o: (B, T, H, V) in q's dtype, and the final state or None.
@@ -60,31 +60,13 @@ def gla(
     if g.device != q.device:  # g may be fp32 while q is bf16: gates are often computed in fp32
         raise ValueError(f"g is on {g.device} but q is on {q.device}; move them to one device")
     check_log_gate("g", g.detach())
-    available = {
-        "reference": True,
-        "chunk": True,
-        "recurrent": True,
-        "triton": lambda: triton_ready(__name__, q),
-    }
-    name = resolve_backend("gla", backend, available, AUTO_ORDER)
-    if chunk_size is None:
-        chunk_size = CHUNK_SIZE.get(name, 64)  # reference and recurrent do not chunk
+    check_attention_values("gla", q.shape[1], scale=scale, k=k, v=v)
     check_linear_options("gla", q, v, initial_state, cu_seqlens, chunk_size)
-    if name == "triton":
-        from .triton import gla_triton as fn
-    else:
-        fn = {"reference": gla_reference, "chunk": gla_chunk, "recurrent": gla_recurrent}[name]
-    return fn(
-        q,
-        k,
-        v,
-        g,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
+    return run_linear(
+        "gla", backend, _FUNCTIONS, (q, k, v, g), chunk_size=CHUNK_SIZE if chunk_size is None else chunk_size,
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size,
-    )
+    )  # fmt: skip
 
 
 __all__ = [

@@ -15,17 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gatelab.ops.common.chunk import (
-    carry_across_chunks,
-    chunk_cumsum,
-    chunk_qkv,
-    from_chunks,
-    pairwise_decay,
-    to_chunks,
-)
-from gatelab.ops.common.varlen import run_packed
-
-GROUP_ELEMENTS = 2**21  # ~8 MB of fp32 per intra-chunk temporary
+from gatelab.ops.common.chunk import decayed_chunk_attention, pairwise_decay
 
 
 def sub_chunk_size(chunk_size: int) -> int:
@@ -114,32 +104,18 @@ def gla_chunk(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated linear attention; same function as :func:`gla_reference`, computed in fp32;
     arguments and shapes as :func:`gatelab.ops.gla`."""
-    if cu_seqlens is not None:
-        return run_packed(
-            gla_chunk,
-            cu_seqlens,
-            (q, k, v, g),
-            initial_state,
-            output_final_state,
-            scale=scale,
-            chunk_size=chunk_size,
-        )
-    T, K, C = q.shape[1], q.shape[-1], chunk_size
-    qc, kc, vc = chunk_qkv(q, k, v, C, scale)  # (B, H, N, C, K), (B, H, N, C, K), (B, H, N, C, V) fp32
-    b = chunk_cumsum(to_chunks(g, C))  # (B, H, N, C, K), <= 0, non-increasing in C
-    # Inter-chunk: what each chunk adds to the state, decayed to the chunk's end; then the sequential scan.
-    o, final = carry_across_chunks(qc, kc, vc, b, initial_state)  # (B, H, N, C, V)
-    # Intra-chunk: causal gated scores times values, a group of chunks at a time so that the largest
-    # temporary stays near GROUP_ELEMENTS floats: past the allocator's mmap threshold every temporary
-    # would be fresh pages from the OS, and time grew ~9x from T=2048 to 8192 instead of ~4x.
-    sub = sub_chunk_size(C)
-    B, H, N = qc.shape[:3]
-    group = max(1, GROUP_ELEMENTS // (B * H * C * (C // sub) * K))
-    pieces = zip(*(x.split(group, dim=2) for x in (qc, kc, b, vc)))
-    o = o + torch.cat([intra_chunk_scores(qg, kg, bg, sub) @ vg for qg, kg, bg, vg in pieces], dim=2)
-    return from_chunks(o, T).to(q.dtype), (final if output_final_state else None)
+    B, _, H, K = q.shape
+    o, final = decayed_chunk_attention(
+        q, k, v, g, _scores, lambda C: B * H * C * (C // sub_chunk_size(C)) * K,  # the (.., n, C, K) keys
+        scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+    )  # fmt: skip
+    return o, (final if output_final_state else None)
+
+
+def _scores(qc: torch.Tensor, kc: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Causal gated scores of a group of chunks (B, H, n, C, K) -> (B, H, n, C, C), through sub-chunks."""
+    return intra_chunk_scores(qc, kc, b, sub_chunk_size(qc.shape[-2]))

@@ -3,40 +3,9 @@ Transformers with Hardware-Efficient Training (Yang et al., 2023))."""
 
 from __future__ import annotations
 
-import torch
+from gatelab.ops.common.recurrent import token_loop_backend
 
-from gatelab.ops.common.recurrent import run_steps
-from gatelab.ops.common.varlen import run_packed
+from .reference import gla_step
 
-
-def gla_step(
-    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token: state (B, H, K, V) fp32; q, k, g (B, H, K); v (B, H, V). Returns o (B, H, V) fp32 and
-    the new state."""
-    state = g.float().exp()[..., None] * state + k.float()[..., None] * v.float()[..., None, :]
-    o = torch.einsum("bhk,bhkv->bhv", q.float() * scale, state)
-    return o, state
-
-
-def gla_recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,  # unused: same signature as every backend
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run :func:`gla_step` over T; arguments and shapes as :func:`gatelab.ops.gla`."""
-    if cu_seqlens is not None:
-        return run_packed(
-            gla_recurrent, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale
-        )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return run_steps(
-        gla_step, q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-    )
+# The definition is already a token loop; decoding runs the same steps (gla_step carries the state).
+gla_recurrent = token_loop_backend(gla_step, "gla_recurrent")

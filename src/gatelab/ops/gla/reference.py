@@ -5,38 +5,21 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.recurrent import initial_or_zeros
-from gatelab.ops.common.varlen import run_packed
+from gatelab.ops.common.recurrent import token_loop_backend
 
 
-def gla_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,  # unused: same signature as every backend
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t; arguments and shapes as
-    :func:`gatelab.ops.gla`."""
-    if cu_seqlens is not None:
-        return run_packed(
-            gla_reference, cu_seqlens, (q, k, v, g), initial_state, output_final_state, scale=scale
-        )
-    B, T, H, K = q.shape
-    scale = K**-0.5 if scale is None else scale
-    qf, kf, vf, gf = q.float() * scale, k.float(), v.float(), g.float()
-    S = initial_or_zeros(initial_state, q, v)  # (B, H, K, V) fp32
-    outputs = []
-    for t in range(T):
-        S = gf[:, t, :, :, None].exp() * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # (B, H, K, V)
-        outputs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], S))
-    o = torch.stack(outputs, dim=1)  # (B, T, H, V)
-    return o.to(q.dtype), (S if output_final_state else None)
+def gla_step(
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t: state (B, H, K, V)
+    fp32; q, k, g (B, H, K); v (B, H, V). Returns o (B, H, V) fp32 and the new state."""
+    state = g.float().exp()[..., None] * state + k.float()[..., None] * v.float()[..., None, :]
+    o = torch.einsum("bhk,bhkv->bhv", q.float() * scale, state)
+    return o, state
+
+
+# (q, k, v, g, *, scale, initial_state, output_final_state): the recurrence over T in fp32, shapes as gla
+gla_reference = token_loop_backend(gla_step, "gla_reference")
 
 
 def gla_attention_matrix(

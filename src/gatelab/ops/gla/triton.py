@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from gatelab.ops.common.chunk import LOG_DECAY_FLOOR
 from gatelab.ops.common.triton_utils import dot_f32, dot_precision, run_chunked
 
 SUB = 16  # rows per sub-chunk: the smallest tl.dot
@@ -379,6 +380,9 @@ def gla_triton(
         raise ValueError(
             f"the triton backend supports head dims up to 256, got K={q.shape[-1]}, V={v.shape[-1]}"
         )
+    # a closed gate (e.g. finfo.min) at the floor: the same factor 0, a finite cumulative sum (see
+    # LOG_DECAY_FLOOR); outside the autograd Function, so the clamp zeroes dg where it acts, as the reference
+    g = g.clamp(min=LOG_DECAY_FLOOR)
     return run_chunked(
         _gla_one, (q, k, v, g), scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,

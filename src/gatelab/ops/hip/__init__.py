@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_qkv
+from gatelab.ops.common.checks import check_attention_values, check_causal, check_qkv
+from gatelab.ops.common.flex_blocks import routed_backend
 
 from .flex import hip_flex
-from .flex_blocks import auto_order, flex_available
 from .mask import hip_select, token_mask
 from .reference import hip_reference
 
@@ -63,13 +62,9 @@ def hip(
     _check_int("block_size_k", block_size_k, 1)
     _check_int("sinks", sinks, 0)
     _check_int("window", window, 0)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if causal and k.shape[1] < q.shape[1]:
-        raise ValueError(
-            f"causal hip needs at least as many keys as queries, got {q.shape[1]} queries and {k.shape[1]} keys"
-        )
-    name = resolve_backend("hip", backend, {"reference": True, "flex": flex_available}, auto_order(q))
+    check_causal("hip", causal, q, k)
+    check_attention_values("hip", q.shape[1], scale=scale, causal=causal, k=k, v=v)
+    name = routed_backend("hip", backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = hip_reference if name == "reference" else hip_flex
     return fn(

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_log_gate, check_qkv, check_tensor
-from gatelab.ops.common.linear import check_linear_options, triton_ready
+from gatelab.ops.common.checks import check_attention_values, check_log_gate, check_qkv, check_tensor
+from gatelab.ops.common.linear import check_linear_options, run_linear
 
 from .chunk import lightning_chunk
 from .recurrent import lightning_recurrent, lightning_step
 from .reference import alibi_slopes, expand_decay, lightning_attention_matrix, lightning_reference
 
-BACKENDS = ("reference", "chunk", "recurrent", "triton")
-AUTO_ORDER = ("triton", "chunk")  # "auto" takes the Triton kernels on CUDA, the chunked form elsewhere
+_FUNCTIONS = {
+    "reference": lightning_reference,
+    "chunk": lightning_chunk,
+    "recurrent": lightning_recurrent,
+    "triton": None,
+}
+BACKENDS = tuple(_FUNCTIONS)
 
 
 def lightning(
@@ -42,7 +46,7 @@ def lightning(
         initial_state: (B, H, K, V) state to start from (fp32), or (N, H, K, V) with cu_seqlens.
         output_final_state: also return the final state (B, H, K, V) fp32 (or (N, H, K, V)).
         cu_seqlens: (N+1,) int offsets of packed sequences in a (1, T, ...) batch; each starts afresh.
-        chunk_size: tokens per block of the chunked form.
+        chunk_size: tokens per block of the chunked form (at most T rounded up to a power of two).
         backend: "reference" (fp32 loop), "chunk", "recurrent", "triton" (CUDA), or "auto".
     Returns:
         o: (B, T, H, V) in q's dtype, and the final state or None.
@@ -58,31 +62,14 @@ def lightning(
     if decay.device != q.device:
         raise ValueError(f"decay is on {decay.device} but q is on {q.device}; move them to one device")
     check_log_gate("decay", decay.detach())
+    check_attention_values("lightning", q.shape[1], scale=scale, k=k, v=v)
     check_linear_options("lightning", q, v, initial_state, cu_seqlens, chunk_size)
-    available = {
-        "reference": True,
-        "chunk": True,
-        "recurrent": True,
-        "triton": lambda: triton_ready(__name__, q),
-    }
-    name = resolve_backend("lightning", backend, available, AUTO_ORDER)
-    if name == "triton":
-        from .triton import lightning_triton as fn
-    else:
-        fn = {"reference": lightning_reference, "chunk": lightning_chunk, "recurrent": lightning_recurrent}[
-            name
-        ]
-    return fn(
-        q,
-        k,
-        v,
-        decay,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size,
-    )
+    if cu_seqlens is not None:
+        decay = expand_decay(decay, q)  # (B, T, H): cut along T with q, k, v
+    return run_linear(
+        "lightning", backend, _FUNCTIONS, (q, k, v, decay), chunk_size=chunk_size, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
 
 
 __all__ = [

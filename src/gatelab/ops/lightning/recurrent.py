@@ -3,44 +3,9 @@ form (TransNormerLLM (Qin et al., 2023); Lightning Attention-2 (Qin et al., 2024
 
 from __future__ import annotations
 
-import torch
+from gatelab.ops.common.recurrent import token_loop_backend
 
-from gatelab.ops.common.recurrent import run_steps
-from gatelab.ops.common.varlen import run_packed
+from .reference import lightning_step, per_token_decay
 
-from .reference import expand_decay
-
-
-def lightning_step(
-    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token: state (B, H, K, V) fp32; q, k (B, H, K); v (B, H, V); decay (B, H) log decay.
-    Returns o (B, H, V) fp32 and the new state."""
-    state = decay.float().exp()[..., None, None] * state + k.float()[..., None] * v.float()[..., None, :]
-    o = torch.einsum("bhk,bhkv->bhv", q.float() * scale, state)
-    return o, state
-
-
-def lightning_recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    decay: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,  # unused: same signature as every backend
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run :func:`lightning_step` over T; arguments and shapes as :func:`gatelab.ops.lightning`."""
-    decay = expand_decay(decay, q)  # (B, T, H)
-    if cu_seqlens is not None:
-        return run_packed(
-            lightning_recurrent, cu_seqlens, (q, k, v, decay), initial_state, output_final_state, scale=scale
-        )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return run_steps(
-        lightning_step, q, k, v, decay, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state,
-    )  # fmt: skip
+# The definition is already a token loop; decoding runs the same steps (lightning_step carries the state).
+lightning_recurrent = token_loop_backend(lightning_step, "lightning_recurrent", per_token_decay)

@@ -8,8 +8,7 @@ import math
 
 import torch
 
-from gatelab.ops.common.recurrent import initial_or_zeros
-from gatelab.ops.common.varlen import run_packed
+from gatelab.ops.common.recurrent import token_loop_backend
 
 
 def expand_decay(decay: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -35,35 +34,24 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def lightning_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    decay: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,  # unused: same signature as every backend
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S_t = exp(decay_t) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t, one scalar decay per head;
-    arguments and shapes as :func:`gatelab.ops.lightning`."""
-    decay = expand_decay(decay, q)  # (B, T, H)
-    if cu_seqlens is not None:
-        return run_packed(
-            lightning_reference, cu_seqlens, (q, k, v, decay), initial_state, output_final_state, scale=scale
-        )
-    B, T, H, K = q.shape
-    scale = K**-0.5 if scale is None else scale
-    qf, kf, vf = q.float() * scale, k.float(), v.float()
-    S = initial_or_zeros(initial_state, q, v)  # (B, H, K, V) fp32
-    outputs = []
-    for t in range(T):
-        S = decay[:, t, :, None, None].exp() * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # (B, H, K, V)
-        outputs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], S))
-    o = torch.stack(outputs, dim=1)  # (B, T, H, V)
-    return o.to(q.dtype), (S if output_final_state else None)
+def lightning_step(
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of S_t = exp(decay_t) S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t: state (B, H, K, V)
+    fp32; q, k (B, H, K); v (B, H, V); decay (B, H) log decay. Returns o (B, H, V) fp32 and the new state."""
+    state = decay.float().exp()[..., None, None] * state + k.float()[..., None] * v.float()[..., None, :]
+    o = torch.einsum("bhk,bhkv->bhv", q.float() * scale, state)
+    return o, state
+
+
+def per_token_decay(q: torch.Tensor, decay: torch.Tensor) -> tuple[torch.Tensor]:
+    """The gates the token loop indexes along T: the decay as (B, T, H) (see :func:`expand_decay`)."""
+    return (expand_decay(decay, q),)
+
+
+# (q, k, v, decay, *, scale, initial_state, output_final_state), decay (H,) or (B, T, H): the recurrence
+# over T in fp32, one scalar decay per head; shapes as lightning
+lightning_reference = token_loop_backend(lightning_step, "lightning_reference", per_token_decay)
 
 
 def lightning_attention_matrix(

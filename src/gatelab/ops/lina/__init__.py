@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_choice, check_cu_seqlens, check_qkv, check_same, check_tensor
-from gatelab.ops.common.varlen import run_packed
+from gatelab.ops.common.checks import (
+    check_attention_values,
+    check_choice,
+    check_number,
+    check_qkv,
+    check_same,
+    check_tensor,
+)
+from gatelab.ops.common.linear import check_linear_options, run_linear
 
 from .chunk import causal_linear_attention_chunk, global_linear_attention, lina_chunk
 from .recurrent import lina_recurrent, lina_step
 from .reference import FEATURE_MAPS, lina_attention_matrix, lina_features, lina_reference, phi
 
-BACKENDS = ("reference", "chunk", "recurrent")
 _FUNCTIONS = {"reference": lina_reference, "chunk": lina_chunk, "recurrent": lina_recurrent}
+BACKENDS = tuple(_FUNCTIONS)
 
 
 def check_state_free(op: str, causal: bool, initial_state, output_final_state: bool) -> None:
@@ -32,8 +38,7 @@ def check_state_free(op: str, causal: bool, initial_state, output_final_state: b
 def check_options(op: str, causal, eps, chunk_size, backend) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(eps, int | float) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    check_number(f"{op}: eps", eps, low=0)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     if backend == "recurrent" and not causal:
@@ -106,28 +111,13 @@ def lina(
     check_choice("feature_map", feature_map, FEATURE_MAPS)
     check_options("lina", causal, eps, chunk_size, backend)
     check_state_free("lina", causal, initial_state, output_final_state)
-    check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, 4, "(B, H, K, V+1)")
-        n = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        if tuple(initial_state.shape) != (n, H, K, V + 1):
-            raise ValueError(
-                f"initial_state must have shape (B or N, H, K, V+1) = {(n, H, K, V + 1)}, "
-                f"got {tuple(initial_state.shape)}"
-            )
-        if initial_state.device != q.device:
-            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
-    name = resolve_backend("lina", backend, {name: True for name in BACKENDS}, ("chunk",))
-    fn = _FUNCTIONS[name]
-    options = dict(causal=causal, feature_map=feature_map, eps=float(eps))
-    if name == "chunk":
-        options["chunk_size"] = chunk_size
-    tensors = (q, k, v, key_gate, value_gate)
-    if cu_seqlens is None:
-        return fn(*tensors, initial_state=initial_state, output_final_state=output_final_state, **options)
-    return run_packed(fn, cu_seqlens, tensors, initial_state, output_final_state, **options)
+    check_linear_options("lina", q, v, initial_state, cu_seqlens, None, extra_columns=1)
+    check_attention_values("lina", q.shape[1], causal=causal, k=k, v=v)
+    return run_linear(
+        "lina", backend, _FUNCTIONS, (q, k, v, key_gate, value_gate), chunk_size=chunk_size, causal=causal,
+        feature_map=feature_map, eps=float(eps), initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
 
 
 __all__ = [

@@ -4,10 +4,12 @@ Hassani et al., 2025; Neighborhood Attention Transformer, Hassani et al., 2023).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_same, check_tensor
+from gatelab.ops.common.checks import check_attention_values, check_heads, check_same, check_tensor
 from gatelab.ops.common.flex import check_flex_inputs, default_compile, flex_supported, flex_usable
 
 from .flex import neighborhood_flex
@@ -68,6 +70,7 @@ def check_inputs(q, k, v, extra_k, extra_v) -> tuple[int, ...]:
             f"q, k and v must share (B, *spatial) and k, v their heads: got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    check_heads(q.shape[-2], k.shape[-2])
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     if q.shape[-2] % k.shape[-2]:
@@ -119,9 +122,13 @@ def neighborhood(
     """
     spatial = check_inputs(q, k, v, additional_keys, additional_values)
     kernel_size, stride, dilation, causal = normalize_args(spatial, kernel_size, stride, dilation, causal)
+    N = math.prod(spatial)
+    # causal in any dim: every token but the first (0 in every dim) is checked; with a 1D map these are the
+    # future tokens, with some dims causal a superset (tokens at 0 in every causal dim are never future)
+    flat = {name: x.flatten(1, len(spatial)) for name, x in (("k", k), ("v", v))}
+    check_attention_values("neighborhood", N, scale=scale, causal=any(causal), **flat)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = (q, k, v, additional_keys, additional_values)
-    N = q[0, ..., 0, 0].numel()
     n_extra = 0 if additional_keys is None else additional_keys.shape[1]
     prefer_flex = flex_usable(*tensors) and default_compile(q.flatten(1, len(spatial)), N + n_extra)
     name = resolve_backend(

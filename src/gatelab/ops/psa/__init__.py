@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_qkv
-from gatelab.ops.hip.flex_blocks import auto_order, flex_available
+from gatelab.ops.common.checks import check_attention_values, check_causal, check_qkv
+from gatelab.ops.common.flex_blocks import routed_backend
 
 from .flex import psa_flex
 from .levels import LEVELS, psa_levels, pyramid, pyramid_mask
@@ -25,7 +24,7 @@ DEFAULT_BUDGET = (
 def check_budget(budget) -> tuple[float, float, float, float]:
     if not isinstance(budget, tuple | list) or len(budget) != 4:
         raise ValueError(f"budget must be 4 fractions (level 1, 2, 4, 8), got {budget!r}")
-    if any(not isinstance(f, int | float) or isinstance(f, bool) or f < 0 for f in budget):
+    if any(not isinstance(f, int | float) or isinstance(f, bool) or not f >= 0 for f in budget):  # NaN too
         raise ValueError(f"budget fractions must be numbers >= 0, got {budget!r}")
     if budget[0] <= 0:
         raise ValueError(
@@ -79,13 +78,9 @@ def psa(
         raise ValueError(
             f"block_size_k must be a multiple of 8 (the coarsest pooling level), got {block_size_k}"
         )
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if causal and k.shape[1] < q.shape[1]:
-        raise ValueError(
-            f"causal psa needs at least as many keys as queries, got {q.shape[1]} queries and {k.shape[1]} keys"
-        )
-    name = resolve_backend("psa", backend, {"reference": True, "flex": flex_available}, auto_order(q))
+    check_causal("psa", causal, q, k)
+    check_attention_values("psa", q.shape[1], scale=scale, causal=causal, k=k, v=v)
+    name = routed_backend("psa", backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = psa_reference if name == "reference" else psa_flex
     return fn(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.hip.flex_blocks import block_mask_from_rows, check_flex_grad, run_flex
+from gatelab.ops.common.flex_blocks import block_mask_from_rows, check_flex_grad, run_flex
 
 from .levels import psa_levels, pyramid, query_positions
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_qkv
+from gatelab.ops.common.checks import check_attention_values, check_qkv
 from gatelab.ops.common.flex import check_flex_inputs, default_compile, flex_supported, flex_usable
 from gatelab.ops.softmax import check_attention_options
 from gatelab.ops.softmax.reference import softmax_reference
@@ -47,6 +47,7 @@ def sliding_window(
     if not isinstance(window, int) or isinstance(window, bool):
         raise ValueError(f"window must be a positive int, got {window!r}")
     check_attention_options(q, k, True, window, sinks)
+    check_attention_values("sliding_window", q.shape[1], scale=scale, k=k, v=v)
     prefer_flex = flex_usable(q, k, v) and default_compile(q, k.shape[1])
     name = resolve_backend(
         "sliding_window",

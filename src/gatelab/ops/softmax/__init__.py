@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_qkv
+from gatelab.ops.common.checks import check_attention_values, check_qkv
 
 from .reference import apply_probs, attention_probs, softmax_reference
 from .sdpa import softmax_sdpa
@@ -53,6 +53,7 @@ def softmax(
     """
     check_qkv(q, k, v)
     check_attention_options(q, k, causal, window, sinks)
+    check_attention_values("softmax", q.shape[1], scale=scale, causal=causal, k=k, v=v)
     name = resolve_backend("softmax", backend, {"reference": True, "sdpa": True}, ("sdpa",))
     fn = softmax_reference if name == "reference" else softmax_sdpa
     return fn(q, k, v, causal=causal, scale=scale, window=window, sinks=sinks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common import flex
+from gatelab.ops.common.backend import resolve_backend
 
 
 def flex_available() -> bool:
@@ -49,10 +50,20 @@ def block_mask_from_rows(
 
 
 def run_flex(q, k, v, block_mask, scale: float, score_mod=None, compiled: bool | None = None) -> torch.Tensor:
-    """q (B, T, H, D), k (B, S, Hkv, D), v (B, S, Hkv, V) -> (B, T, H, V) through FlexAttention."""
+    """q (B, T, H, D), k (B, S, Hkv, D), v (B, S, Hkv, V) -> (B, T, H, V) through FlexAttention.
+
+    An empty batch (B = 0) does not reach flex, whose vmapped mask_mods index per-batch routing that has no
+    rows: its empty output is returned, still attached to q, k and v for autograd."""
+    if q.shape[0] == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1]) + (q.sum() + k.sum() + v.sum()) * 0
     if not torch.is_grad_enabled():  # flex refuses inputs that require grad on CPU, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     return flex.run_flex(q, k, v, block_mask, scale=scale, score_mod=score_mod, compile=compiled)
+
+
+def routed_backend(op: str, backend: str, q: torch.Tensor) -> str:
+    """The backend a routed op runs, "reference" or "flex" (see :func:`auto_order` for "auto")."""
+    return resolve_backend(op, backend, {"reference": True, "flex": flex_available}, auto_order(q))
 
 
 def auto_order(q: torch.Tensor) -> tuple[str, ...]:
