@@ -1,5 +1,6 @@
-"""HER-Seg's dual-gated linear attention as a (B, H, W, C) mixer (HER-Seg, 2025; code
-github.com/xq141839/HER-Seg, ``SAM/LGViT.py``: ``LinearAttention`` and the mixing half of ``LGViTBlock``).
+"""HER-Seg's dual-gated linear attention as a (B, H, W, C) mixer (HER-Seg: Holistically Efficient
+Segmentation for High-Resolution Medical Images, 2025; code github.com/xq141839/HER-Seg, ``SAM/LGViT.py``:
+``LinearAttention`` and the mixing half of ``LGViTBlock``).
 
     v = W_d SiLU(W_u x)                    value gate: a bottleneck of ratio 0.25
     o = RoPE(phi q)(sum RoPE(phi k)^T v / N) / (phi q . mean phi k) + LePE(v)     phi = ELU + 1
@@ -8,8 +9,8 @@ github.com/xq141839/HER-Seg, ``SAM/LGViT.py``: ``LinearAttention`` and the mixin
 The block's LayerNorm sits outside the mixer (the backbone's pre-norm), so the output gate reads the
 mixer input. Where this follows the code rather than the paper: the paper's cascaded token filtering is
 not in the code and is not here; the code builds RoPE for one fixed square map (``h = w = sqrt(N)``),
-while this mixer builds it for whatever (H, W) map it is given (any H != W); the keys get no bias-free
-projection of their own: q and k come from one linear layer with bias, v from the value gate.
+while this mixer builds it for whatever (H, W) map it is given (any H != W). As in the code, q and k come
+from one linear layer with bias and v only from the value gate (no value projection of its own).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ register(
         backends=BACKENDS,
         causal=False,
         bidirectional=True,
-        paper="HER-Seg: dual-gated linear attention (2025; code xq141839/HER-Seg)",
+        paper="HER-Seg: Holistically Efficient Segmentation for High-Resolution Medical Images (2025)",
         notes="(B, H, W, C) maps, any H, W; value gate + output gate, ELU+1 features, 2D RoPE, LePE; "
         "cascaded token filtering (paper only) left out",
         extra={"spatial_dims": 2},
