@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_same, check_tensor
+from gatelab.ops.common.checks import check_map_qkv
 
 from .reference import dual_gated_linear_reference, dual_gated_linear_weights, features, rope_2d
 
@@ -55,15 +55,7 @@ def dual_gated_linear(
     Returns:
         o: (B, H, W, h, V) in q's dtype.
     """
-    check_tensor("q", q, 5, "(B, H, W, h, D)")
-    check_tensor("k", k, 5, "(B, H, W, h, D), as q")
-    check_tensor("v", v, 5, "(B, H, W, h, V)")
-    check_same("q", q, k=k, v=v)
-    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(
-            f"q and k must have one shape (B, H, W, h, D) and v the same (B, H, W, h): got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+    check_map_qkv(q, k, v)
     if not isinstance(rope, bool):
         raise TypeError(f"dual_gated_linear: rope must be a bool, got {type(rope).__name__}")
     if rope and (q.shape[-2] * q.shape[-1]) % 4:

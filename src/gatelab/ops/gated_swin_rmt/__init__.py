@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_choice, check_same, check_tensor
+from gatelab.ops.common.checks import check_choice, check_map_qkv, check_tensor
 
 from .reference import axis_labels, axis_layout, manhattan_log_decay, swin_retention_reference
 from .windows import swin_retention_windows, window_partition, window_reverse
@@ -57,16 +57,8 @@ def gated_swin_rmt(
     Returns:
         o: (B, H, W, h, V) in q's dtype.
     """
-    check_tensor("q", q, 5, "(B, H, W, h, D)")
-    check_tensor("k", k, 5, "(B, H, W, h, D), as q")
-    check_tensor("v", v, 5, "(B, H, W, h, V)")
+    check_map_qkv(q, k, v)
     check_tensor("log_gamma", log_gamma, 1, "(h,)")
-    check_same("q", q, k=k, v=v)
-    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(
-            f"q and k must have one shape (B, H, W, h, D) and v the same (B, H, W, h): got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
     if log_gamma.shape != (q.shape[3],):
         raise ValueError(f"log_gamma must have shape (h,) = ({q.shape[3]},), got {tuple(log_gamma.shape)}")
     if not bool((log_gamma <= 0).all()):
