@@ -72,4 +72,16 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-__all__ = ["VisionConfig", "VisionMixer", "channels_first", "channels_last"]
+def conv_map(conv, x: torch.Tensor) -> torch.Tensor:
+    """A 2D convolution (channels first) applied to a (B, H, W, C) map."""
+    return channels_last(conv(channels_first(x)))
+
+
+def gate_output(o: torch.Tensor, gate: torch.Tensor, internals: dict, return_internals: bool) -> torch.Tensor:
+    """o ⊙ gate, the activated gate kept in internals["gate"] when asked for."""
+    if return_internals:
+        internals["gate"] = gate
+    return o * gate
+
+
+__all__ = ["VisionConfig", "VisionMixer", "channels_first", "channels_last", "conv_map", "gate_output"]

@@ -32,7 +32,7 @@ from gatelab.ops.contmix import BACKENDS, contmix
 from gatelab.registry import MechanismSpec, register
 
 from ._base import check_positive
-from ._vision import VisionConfig, VisionMixer, channels_first, channels_last
+from ._vision import VisionConfig, VisionMixer, channels_first, channels_last, conv_map
 
 
 @dataclass
@@ -119,7 +119,7 @@ class ContMix(VisionMixer):
         c = self.config
         B, H, W, C = x.shape
         gate = F.silu(self.gate(x))
-        lepe = channels_last(self.lepe(channels_first(x)))
+        lepe = conv_map(self.lepe, x)
         xs = x
         if min(H, W) < c.kernel_size:  # the code's upsampling: the short side becomes K, the aspect kept
             size = (

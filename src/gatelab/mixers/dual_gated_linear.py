@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from gatelab.ops.dual_gated_linear import BACKENDS, dual_gated_linear, dual_gated_linear_weights
 from gatelab.registry import MechanismSpec, register
 
-from ._vision import VisionConfig, VisionMixer, channels_first, channels_last
+from ._vision import VisionConfig, VisionMixer, conv_map, gate_output
 
 
 @dataclass
@@ -73,13 +73,10 @@ class DualGatedLinearAttention(VisionMixer):
         options = dict(rope=c.rope, rope_base=c.rope_base, eps=c.eps)
         o = dual_gated_linear(q, k, heads_v, backend=c.backend, **options).reshape(B, H, W, C)
         if c.lepe:
-            o = o + channels_last(self.lepe(channels_first(v)))
+            o = o + conv_map(self.lepe, v)
         internals = {}
         if c.gate:
-            gate = F.silu(self.act_proj(x))
-            o = o * gate
-            if return_internals:
-                internals["gate"] = gate
+            o = gate_output(o, F.silu(self.act_proj(x)), internals, return_internals)
         if return_internals:
             internals["attn"] = dual_gated_linear_weights(q, k, **options)  # (B, h, N, N)
         return self.out_proj(o), internals

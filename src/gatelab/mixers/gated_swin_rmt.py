@@ -24,7 +24,7 @@ from gatelab.ops.gated_swin_rmt import BACKENDS, MODES, gated_swin_rmt
 from gatelab.registry import MechanismSpec, register
 
 from ._base import check_choice, check_positive
-from ._vision import VisionConfig, VisionMixer, channels_first, channels_last
+from ._vision import VisionConfig, VisionMixer, conv_map, gate_output
 
 
 @dataclass
@@ -92,13 +92,10 @@ class GatedSwinRMT(VisionMixer):
             backend=c.backend,
         ).reshape(B, H, W, C)  # fmt: skip
         if c.lce:
-            o = o + channels_last(self.lce(channels_first(v.reshape(B, H, W, C))))
+            o = o + conv_map(self.lce, v.reshape(B, H, W, C))
         internals = {}
         if c.gate:
-            gate = torch.sigmoid(self.gate_proj(x))
-            o = o * gate
-            if return_internals:
-                internals["gate"] = gate
+            o = gate_output(o, torch.sigmoid(self.gate_proj(x)), internals, return_internals)
         return self.out_proj(o), internals
 
 
