@@ -133,3 +133,25 @@ def triton_interpreted():
     finally:
         if INTERPRET and saved is None:
             del os.environ["TRITON_INTERPRET"]
+
+
+def check_mixer_backends_agree(mixer, x: torch.Tensor, backend: str, reference: str = "reference") -> None:
+    """A vision mixer run with ``backend`` against its fp32 ``reference`` backend on the same weights:
+    output, the input's gradient and every parameter's gradient, under one random cotangent."""
+    from gatelab.testing import assert_close
+
+    cotangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name in (backend, reference):
+        mixer.zero_grad()
+        mixer.config.backend = name
+        xi = x.detach().clone().requires_grad_()
+        y, _ = mixer(xi)
+        (y * cotangent).sum().backward()
+        grads = {n: p.grad.clone() for n, p in mixer.named_parameters()}
+        results[name] = (y.detach(), xi.grad, grads)
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = results[backend], results[reference]
+    assert_close(f"{backend} output", y, y_ref, torch.float32)
+    assert_close(f"{backend} dx", dx, dx_ref, torch.float32)
+    for n in grads_ref:
+        assert_close(f"{backend} d{n}", grads[n], grads_ref[n], torch.float32)

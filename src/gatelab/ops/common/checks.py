@@ -174,3 +174,16 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int) ->
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_map_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Validate (B, H, W, h, D) q and k of one shape and (B, H, W, h, V) v on a 2D map, one dtype and device."""
+    check_tensor("q", q, 5, "(B, H, W, h, D)")
+    check_tensor("k", k, 5, "(B, H, W, h, D), as q")
+    check_tensor("v", v, 5, "(B, H, W, h, V)")
+    check_same("q", q, k=k, v=v)
+    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"q and k must have one shape (B, H, W, h, D) and v the same (B, H, W, h): got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
