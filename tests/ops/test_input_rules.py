@@ -244,3 +244,12 @@ def test_chunk_length():
     assert chunk_length(32, 20) == 32  # power-of-two chunk sizes never change
     assert chunk_length(48, 20) == 32
     assert chunk_length(7, 1) == 1
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_zero_head_dim_is_refused(name):
+    """A head dim is a model dimension like H: D = 0 is refused with the reason (D ** -0.5 is undefined)."""
+    op = OPS[name]
+    x = {n: t[..., :0] for n, t in inputs(op, B=2).items()}
+    with pytest.raises(ValueError, match=r"head dims must be >= 1"):
+        op.call(x["q"], x["k"], x["v"], backend="reference")

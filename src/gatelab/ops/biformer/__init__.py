@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.checks import check_heads, check_same, check_scale, check_tensor
+from gatelab.ops.common.checks import check_head_dims, check_heads, check_same, check_scale, check_tensor
 from gatelab.ops.common.flex_blocks import routed_backend
 
 from .flex import biformer_flex
@@ -51,6 +51,7 @@ def biformer(
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     check_heads(q.shape[3])
+    check_head_dims(q, v)
     check_scale(scale)
     grid = region_grid(q.shape[1], q.shape[2], regions)
     n_regions = grid[0] * grid[1]

@@ -60,7 +60,14 @@ def check_qkv(
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hkv})")
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    check_head_dims(q, v)
     return H, Hkv
+
+
+def check_head_dims(q: torch.Tensor, v: torch.Tensor) -> None:
+    """A head dim is configuration, like H: D = 0 is refused (and D ** -0.5 is undefined)."""
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head dims must be >= 1, got q/k {q.shape[-1]} and v {v.shape[-1]}")
 
 
 def check_heads(H: int, Hkv: int | None = None) -> None:
@@ -182,6 +189,7 @@ def check_map_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_tensor("k", k, 5, "(B, H, W, h, D), as q")
     check_tensor("v", v, 5, "(B, H, W, h, V)")
     check_same("q", q, k=k, v=v)
+    check_head_dims(q, v)
     if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
         raise ValueError(
             f"q and k must have one shape (B, H, W, h, D) and v the same (B, H, W, h): got q {tuple(q.shape)}, "

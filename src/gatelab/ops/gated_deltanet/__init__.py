@@ -8,6 +8,7 @@ import torch
 from gatelab.ops.common.checks import (
     check_attention_values,
     check_cu_seqlens,
+    check_head_dims,
     check_heads,
     check_log_gate,
     check_same,
@@ -51,6 +52,7 @@ def check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size, check_
         raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}")
     B, T, H, K = q.shape
     check_heads(H)
+    check_head_dims(q, v)
     for name, x in (("g", g), ("beta", beta)):
         check_tensor(name, x, 3, "(B, T, H)")
         if x.shape != q.shape[:3]:

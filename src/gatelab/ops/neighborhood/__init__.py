@@ -9,7 +9,13 @@ import math
 import torch
 
 from gatelab.ops.common.backend import resolve_backend
-from gatelab.ops.common.checks import check_attention_values, check_heads, check_same, check_tensor
+from gatelab.ops.common.checks import (
+    check_attention_values,
+    check_head_dims,
+    check_heads,
+    check_same,
+    check_tensor,
+)
 from gatelab.ops.common.flex import check_flex_inputs, default_compile, flex_supported, flex_usable
 
 from .flex import neighborhood_flex
@@ -71,6 +77,7 @@ def check_inputs(q, k, v, extra_k, extra_v) -> tuple[int, ...]:
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     check_heads(q.shape[-2], k.shape[-2])
+    check_head_dims(q, v)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     if q.shape[-2] % k.shape[-2]:
