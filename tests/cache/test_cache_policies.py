@@ -247,6 +247,11 @@ def test_a_state_of_another_cache_is_refused():
         mixer.set_cache_policy(make_policy("h2o", mixer, budget=4))
         with pytest.raises(ValueError, match="batch 2.*got a state of softmax .*batch 1"):
             mixer(torch.randn(2, 1, 64), state=policy_state)
+        # the same shapes, another policy: a streaming cache holds no h2o scores, its slots mean other things
+        with pytest.raises(
+            ValueError, match="kept under cache policy 'streaming', this mixer runs policy 'h2o'"
+        ):
+            mixer(torch.randn(1, 1, 64), state=policy_state)
 
 
 class RecentOnly(KVCacheManager, torch.nn.Module):

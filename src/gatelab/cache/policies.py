@@ -38,6 +38,7 @@ class PolicyCache(KVCache):
     scores: torch.Tensor | None = None
     gate_state: KVCache | None = None
     rope_applied: bool = True
+    policy: str = ""  # the policy that made it: a cache kept under one policy means nothing to another
 
     @property
     def kept_tokens(self) -> int:
@@ -84,6 +85,7 @@ class PolicyCache(KVCache):
             scores=take(self.scores),
             gate_state=self.gate_state,
             rope_applied=self.rope_applied,
+            policy=self.policy,
             signature=self.signature,
         )
 
@@ -159,6 +161,11 @@ class CachePolicy(KVCacheManager, nn.Module):
         if not mixer.config.causal:
             raise ValueError(f"cache policy {self.name!r} needs a causal mixer; this one has causal=False")
         super().check_state(mixer, state, batch)
+        if state is not None and state.policy != self.name:
+            raise ValueError(
+                f"state was kept under cache policy {state.policy!r}, this mixer runs policy {self.name!r}: "
+                "decode with the policy that made the cache, or start from state=None"
+            )
 
     def update(self, mixer, state, q, k, v, x, positions):
         """The kept rows plus the new tokens (their positions, biases, the gate state), and the queries and
@@ -171,7 +178,7 @@ class CachePolicy(KVCacheManager, nn.Module):
         new_pos = positions.view(1, T, 1).expand(B, T, c.kv_heads)
         if state is None:
             cache = PolicyCache(k, v, T, new_pos, bias, gate_state=gate_state, rope_applied=not late_rope,
-                                signature=mixer.state_signature(B))  # fmt: skip
+                                policy=self.name, signature=mixer.state_signature(B))  # fmt: skip
         else:
             old_bias = state.bias
             if old_bias is not None or bias is not None:  # one side may have no bias: all visible
@@ -189,6 +196,7 @@ class CachePolicy(KVCacheManager, nn.Module):
                 scores=state.scores,
                 gate_state=gate_state,
                 rope_applied=state.rope_applied,
+                policy=state.policy,
                 signature=state.signature,
             )
         keys, bias = cache.k, self.visible_bias(cache, positions)
