@@ -124,3 +124,12 @@ def test_bert_padding_mask_through_the_adapter():
             assert_close("bert padded", y[padding], expected[padding], torch.float32)
         unmasked, _ = adapter(x)
     assert rel_rms(unmasked[1, :5], expected[1, :5]) > 1e-3  # the mask did matter
+
+
+if __name__ == "__main__":  # the per-family table of BENCHMARKS.md: python tests/hf/test_convert.py
+    torch.manual_seed(0)
+    print("| family | gatelab mechanism | forward rel. RMS | decode rel. RMS |\n|---|---|---|---|")
+    for family in sorted(FAMILIES):
+        forward, decode = forward_and_decode_errors(family)
+        decode = "n/a (bidirectional)" if decode is None else f"{decode:.1e}"
+        print(f"| {family} | {MECHANISMS[family]} | {forward:.1e} | {decode} |")

@@ -54,8 +54,10 @@ def test_pass_through_patch_keeps_the_logits(family, key, options):
     assert_close(f"{family} {key}", got, expected, torch.float32)
 
 
-def test_generate_on_a_patched_model_equals_the_original():
-    model = tiny_lm()
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_next"])
+def test_generate_on_a_patched_model_equals_the_original(family):
+    """Greedy generate() of one prompt and of a left-padded batch (the padding folded into the keys)."""
+    model = tiny_lm(family)
     prompt = torch.randint(1, 64, (2, 6))
     mask = torch.ones_like(prompt)
     prompt[1, :2], mask[1, :2] = 0, 0  # left padding: the second prompt has 4 tokens
