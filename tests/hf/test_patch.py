@@ -24,6 +24,8 @@ def tiny_lm(family: str = "llama"):
                                               linear_num_key_heads=2, linear_key_head_dim=8,
                                               linear_value_head_dim=8, num_experts=0,
                                               layer_types=["linear_attention", "full_attention"])  # fmt: skip
+    elif family == "mistral":  # a sliding window of 4 (the token and 3 before it)
+        config = transformers.MistralConfig(**TINY, sliding_window=4)
     else:
         names = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
         config = getattr(transformers, names[family])(**TINY)
@@ -39,6 +41,7 @@ PASS_THROUGH = [
     ("qwen3", "gated_softmax", {}),
     ("gpt2", "gated_softmax", {}),
     ("qwen3_next", "gated_softmax", {}),
+    ("mistral", "sliding_window", {}),  # the window read from the layer, no sinks: the original
 ]
 
 
@@ -54,7 +57,7 @@ def test_pass_through_patch_keeps_the_logits(family, key, options):
     assert_close(f"{family} {key}", got, expected, torch.float32)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_next"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_next", "mistral"])
 def test_generate_on_a_patched_model_equals_the_original(family):
     """Greedy generate() of one prompt and of a left-padded batch (the padding folded into the keys)."""
     model = tiny_lm(family)
@@ -64,6 +67,10 @@ def test_generate_on_a_patched_model_equals_the_original(family):
     options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     expected = model.generate(prompt[:1], **options)
     expected_padded = model.generate(prompt, attention_mask=mask, **options)
+    if family == "mistral":  # sliding window: decoding past the window, unpadded (padding is refused)
+        patch(model, "sliding_window")
+        assert torch.equal(model.generate(prompt[:1], **options), expected)
+        return
     patch(model, "gated_softmax")
     assert torch.equal(model.generate(prompt[:1], **options), expected)
     assert torch.equal(model.generate(prompt, attention_mask=mask, **options), expected_padded)

@@ -92,11 +92,12 @@ class PaddedKeys(KVCacheManager):
         return cache, q, keys, values
 
 
-def visible_keys(attention_mask, batch: int) -> torch.Tensor | None:
-    """The keys (B, S) bool that the queries may see, from the mask a transformers model hands its attention
+def visible_keys(attention_mask, batch: int, window: int | None = None) -> torch.Tensor | None:
+    """The keys (B, S) bool that are not padding, from the mask a transformers model hands its attention
     layers (None: no mask; a 4D (B, 1, T, S) bool mask, True = attend, or an additive float one; a 2D (B, S)
-    padding mask); None when every key is visible. The last query of a causal mask sees every key that is
-    not padding, and a bidirectional mask hides the same keys from every query."""
+    padding mask); None when no key is padding. A key that some query of the call sees is no padding (in a
+    prefill every real key sees itself). ``window``: the layer's own sliding window in transformers, whose
+    mask hides the keys that fell out of it from every query: those are not taken for padding."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
@@ -104,19 +105,19 @@ def visible_keys(attention_mask, batch: int) -> torch.Tensor | None:
             f"attention_mask must be None or a tensor (eager or sdpa attention), got {type(attention_mask).__name__}; "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
-    if attention_mask.ndim == 4:
-        last = attention_mask[:, 0, -1, :]  # (B, S)
-    elif attention_mask.ndim == 2:
-        last = attention_mask
-    else:
+    if attention_mask.ndim not in (2, 4):
         raise ValueError(f"attention_mask must be (B, 1, T, S) or (B, S), got {tuple(attention_mask.shape)}")
-    if last.dtype == torch.bool:
-        visible = last
-    elif last.is_floating_point() and attention_mask.ndim == 4:
-        visible = last > torch.finfo(last.dtype).min / 2
+    if attention_mask.dtype == torch.bool:
+        seen = attention_mask
+    elif attention_mask.is_floating_point() and attention_mask.ndim == 4:
+        seen = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     else:
-        visible = last > 0
-    visible = visible.expand(batch, -1)
+        seen = attention_mask > 0
+    visible = seen.any(dim=-2)[:, 0] if seen.ndim == 4 else seen  # (B, S)
+    visible = visible.expand(batch, -1).clone()
+    if window is not None and attention_mask.ndim == 4:
+        T, S = attention_mask.shape[-2:]
+        visible[:, : max(0, S - T - window + 1)] = True  # out of every query's window, not padding
     return None if bool(visible.all()) else visible
 
 
@@ -140,14 +141,16 @@ class HFAttention(nn.Module):
     """A gatelab ``mixer`` called as a transformers attention module:
     ``forward(hidden_states (B, T, hidden), attention_mask=None, cache=None, ...) -> (output, None)``.
 
-    ``layer_idx`` is the entry of the model's Cache that holds the mixer's state. Attention weights are not
-    returned (None): read them from the mixer with ``return_internals=True``.
+    ``layer_idx`` is the entry of the model's Cache that holds the mixer's state; ``window`` the sliding
+    window of the transformers layer it replaces (its masks hide old keys), None for full attention.
+    Attention weights are not returned (None): read them from the mixer with ``return_internals=True``.
     """
 
-    def __init__(self, mixer: nn.Module, layer_idx: int):
+    def __init__(self, mixer: nn.Module, layer_idx: int, window: int | None = None):
         super().__init__()
         self.mixer = mixer
         self.layer_idx = layer_idx
+        self.window = window
         self.is_causal = mixer.config.causal
 
     def cache_layer(self, cache):
@@ -171,7 +174,7 @@ class HFAttention(nn.Module):
         layer = None if cache is None else self.cache_layer(cache)
         state = None if layer is None else layer.state
         B, T, _ = hidden_states.shape
-        visible = visible_keys(attention_mask, B)
+        visible = visible_keys(attention_mask, B, self.window)
         check_positions(position_ids, 0 if state is None else state.length, T, visible)
         if visible is None:
             y, state = self.mixer(hidden_states, state)

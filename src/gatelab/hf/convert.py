@@ -47,9 +47,10 @@ def _norm_weight(norm: nn.Module) -> torch.Tensor:
     return 1.0 + weight if type(norm).__name__ in OFFSET_NORMS else weight
 
 
-def _sliding_window(module: nn.Module) -> int | None:
-    """The window of a sliding-window layer (Mistral; Qwen2/3 layers typed "sliding_attention"), else None."""
-    config = module.config
+def sliding_window(module: nn.Module) -> int | None:
+    """The window of a sliding-window layer (Mistral; Qwen2/3 layers typed "sliding_attention"), else None
+    (full attention, or a module without a config: BERT's)."""
+    config = getattr(module, "config", None)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
@@ -84,7 +85,7 @@ def _llama_like(module: nn.Module, drop_dropout: bool, options: dict) -> nn.Modu
             f"{type(module).__name__}: attention scaling {module.scaling} is not head_dim ** -0.5"
         )
     key = "softmax"
-    window = _sliding_window(module)
+    window = sliding_window(module)
     if gated:  # Qwen3-Next: q_proj emits [q_h | g_h] per query head, o = attn * sigmoid(g) (G1 elementwise)
         key = "gated_softmax"
         built |= {"gate": "elementwise", "fused": "per_head", "gate_fn": "sigmoid"}

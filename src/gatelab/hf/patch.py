@@ -14,7 +14,7 @@ from gatelab.cache.apply import make_policy
 from gatelab.registry import get, make_mixer
 
 from .adapter import HFAttention
-from .convert import from_hf_attention
+from .convert import from_hf_attention, sliding_window
 
 CAUSAL_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
                     "Qwen3NextAttention", "Qwen3_5Attention", "GPT2Attention")  # fmt: skip
@@ -131,12 +131,12 @@ def patch(model: nn.Module, key: str, *, init: str = "pass_through", cache_polic
                 make_policy(cache_policy, mixer, **(policy_options or {})).to(mixer.o_proj.weight)
             )
         mixer.train(module.training)
-        setattr(parent, name, HFAttention(mixer, module.layer_idx))
+        setattr(parent, name, HFAttention(mixer, module.layer_idx, sliding_window(module)))
     setattr(model.config, CONFIG_KEY, record)
     return model
 
 
-def load_patched(path: str | Path, **from_pretrained):
+def load_patched(path: str | Path, **model_options):
     """A model saved with ``save_pretrained`` after :func:`patch`: the transformers model built from its
     config, patched as recorded in ``config.gatelab_patch``, then its saved weights loaded (strict: every
     weight must find its place, except the output head tied to the embeddings)."""
@@ -149,7 +149,7 @@ def load_patched(path: str | Path, **from_pretrained):
     if not record:
         raise ValueError(f"{path} holds no gatelab patch (config.{CONFIG_KEY}); load it with from_pretrained")
     delattr(config, CONFIG_KEY)
-    model = AutoModelForCausalLM.from_config(config, **from_pretrained)
+    model = AutoModelForCausalLM.from_config(config, **model_options)
     patch(model, record["key"], init="random", cache_policy=record["cache_policy"],
           policy_options=record["policy_options"], drop_dropout=record["drop_dropout"],
           **record["options"])  # fmt: skip
