@@ -139,7 +139,8 @@ def patch(model: nn.Module, key: str, *, init: str = "pass_through", cache_polic
 def load_patched(path: str | Path, **model_options):
     """A model saved with ``save_pretrained`` after :func:`patch`: the transformers model built from its
     config, patched as recorded in ``config.gatelab_patch``, then its saved weights loaded (strict: every
-    weight must find its place, except the output head tied to the embeddings)."""
+    weight must find its place, except the output head tied to the embeddings). ``model_options`` go to
+    ``AutoModelForCausalLM.from_config`` (e.g. ``dtype``, ``attn_implementation``)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
