@@ -72,8 +72,9 @@ def _gpt2():
 def _bert():
     import transformers
 
-    config = transformers.BertConfig(hidden_size=HIDDEN, num_attention_heads=4, attention_probs_dropout_prob=0.0,
-                                     hidden_dropout_prob=0.0)  # fmt: skip
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN, num_attention_heads=4, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0
+    )
     config._attn_implementation = "eager"
     module = _module("bert", "BertAttention")(config).eval()
     _randomise(module)

@@ -75,6 +75,16 @@ def test_input_gradient_equals_the_transformers_module(family):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def test_module_dtype_is_kept_and_options_override():
+    module, reference = FAMILIES["qwen3_next_gated"]()
+    module.to(torch.bfloat16)
+    mixer = from_hf_attention(module, backend="reference")
+    assert next(mixer.parameters()).dtype == torch.bfloat16 and mixer.config.backend == "reference"
+    x = torch.randn(2, 9, HIDDEN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert_close("bf16", mixer(x)[0], reference(x), torch.bfloat16)
+
+
 def test_unsupported_module_names_its_class():
     from transformers import OPTConfig
     from transformers.models.opt.modeling_opt import OPTAttention
@@ -99,8 +109,8 @@ def test_scaled_rope_is_refused():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention
 
-    config = LlamaConfig(hidden_size=32, num_attention_heads=4,
-                         rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})  # fmt: skip
+    rope = {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, rope_parameters=rope)
     with pytest.raises(ValueError, match="RoPE type 'linear' is not supported"):
         from_hf_attention(LlamaAttention(config, 0))
 

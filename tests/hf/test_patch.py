@@ -138,8 +138,10 @@ def test_refusals():
         patch(tiny_lm(), "gated_softmax", gate_fn="silu")
     with pytest.raises(ValueError, match="gated_softmax with .*'softmax' has no option"):
         patch(tiny_lm("qwen3_next"), "softmax")  # would drop Qwen3-Next's gate
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=32, num_attention_heads=4,
-                                                                num_hidden_layers=1, intermediate_size=64))  # fmt: skip
+    config = transformers.BertConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64
+    )
+    bert = transformers.BertForMaskedLM(config)
     with pytest.raises(TypeError, match="BertAttention"):
         patch(bert, "softmax")
     model = patch(tiny_lm(), "sliding_window", init="random", window=4, sinks=2)

@@ -32,7 +32,7 @@ def gatelab_cache_layer() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class GatelabCacheLayer(DynamicLayer):
-        """A Cache layer holding ``state``, the gatelab mixer's decoding state (None before the first call)."""
+        """A Cache layer holding ``state``, the gatelab mixer's decoding state (None before a call)."""
 
         is_croppable = False
 
@@ -102,8 +102,8 @@ def visible_keys(attention_mask, batch: int, window: int | None = None) -> torch
         return None
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(
-            f"attention_mask must be None or a tensor (eager or sdpa attention), got {type(attention_mask).__name__}; "
-            "load the model with attn_implementation='sdpa' or 'eager'"
+            "attention_mask must be None or a tensor (eager or sdpa attention), got "
+            f"{type(attention_mask).__name__}; load the model with attn_implementation='sdpa' or 'eager'"
         )
     if attention_mask.ndim not in (2, 4):
         raise ValueError(f"attention_mask must be (B, 1, T, S) or (B, S), got {tuple(attention_mask.shape)}")
@@ -132,8 +132,8 @@ def check_positions(position_ids, start: int, T: int, visible) -> None:
     first = offset.masked_fill(~real, torch.iinfo(offset.dtype).min).amax(dim=1, keepdim=True)  # (B, 1)
     if bool((offset - first).masked_fill(~real, 0).any()):
         raise ValueError(
-            "position_ids must be consecutive over each row's tokens (a gatelab mixer counts positions itself); "
-            "packed sequences and custom positions are not supported"
+            "position_ids must be consecutive over each row's tokens (a gatelab mixer counts positions "
+            "itself); packed sequences and custom positions are not supported"
         )
 
 

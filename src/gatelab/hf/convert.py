@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from gatelab.registry import make_mixer
 
-# RMSNorms that scale by (1 + weight), weight initialised at zero (Qwen3-Next, Qwen3.5); gatelab's scale by weight
+# RMSNorms scaling by (1 + weight), weight initialised at 0 (Qwen3-Next, Qwen3.5); gatelab scales by weight
 OFFSET_NORMS = ("Qwen3NextRMSNorm", "Qwen3_5RMSNorm")
 
 
@@ -19,8 +19,8 @@ def _check_dropout(module: nn.Module, config, drop_dropout: bool, *names: str) -
     rates = {n: getattr(config, n) for n in names if getattr(config, n, 0.0)}
     if rates and not drop_dropout:
         raise ValueError(
-            f"{type(module).__name__}: the gatelab mixer has no dropout, but the config sets {rates}; set them to "
-            "0.0 in the config or pass drop_dropout=True"
+            f"{type(module).__name__}: the gatelab mixer has no dropout, but the config sets {rates}; set "
+            "them to 0.0 in the config or pass drop_dropout=True"
         )
 
 
@@ -137,8 +137,8 @@ def _bert(module: nn.Module, drop_dropout: bool, options: dict) -> nn.Module:
     if module.is_cross_attention or module.self.is_causal:
         raise ValueError("BertAttention: only the bidirectional self-attention of an encoder is supported")
     attn = module.self
-    tensors = {**_linear("q_proj", attn.query), **_linear("k_proj", attn.key), **_linear("v_proj", attn.value),
-               **_linear("o_proj", module.output.dense)}  # fmt: skip
+    tensors = {**_linear("q_proj", attn.query), **_linear("k_proj", attn.key),
+               **_linear("v_proj", attn.value), **_linear("o_proj", module.output.dense)}  # fmt: skip
     built = {"d_model": config.hidden_size, "n_heads": config.num_attention_heads, "rope": False,
              "bias": True, "causal": False}  # fmt: skip
     return _load(make_mixer("softmax", **{**built, **options}), tensors, module)

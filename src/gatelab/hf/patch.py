@@ -28,14 +28,13 @@ def _open_sigmoid_gate(mixer: nn.Module) -> None:
     c = mixer.config
     if c.gate_fn != "sigmoid" or c.combine != "multiply" or c.fused:
         raise ValueError(
-            "gated_softmax: a pass-through init needs gate_fn='sigmoid', combine='multiply' and a separate gate "
-            f"projection (fused=None), got gate_fn={c.gate_fn!r}, combine={c.combine!r}, fused={c.fused!r}; "
-            "pass init='random' for the mechanism's own init"
+            "gated_softmax: a pass-through init needs gate_fn='sigmoid', combine='multiply' and a separate "
+            f"gate projection (fused=None), got gate_fn={c.gate_fn!r}, combine={c.combine!r}, "
+            f"fused={c.fused!r}; pass init='random' for the mechanism's own init"
         )
-    for name in ("gate_proj", "gate_logits"):
-        if hasattr(mixer, name):
-            for p in getattr(mixer, name).parameters() if name == "gate_proj" else [mixer.gate_logits]:
-                p.zero_()
+    gate = mixer.gate_proj.parameters() if hasattr(mixer, "gate_proj") else [mixer.gate_logits]
+    for p in gate:
+        p.zero_()
     mixer.o_proj.weight.mul_(2.0)
 
 
@@ -63,8 +62,8 @@ def convert_mixer(base: nn.Module, key: str, init: str = "pass_through", **optio
     dropped = {k: v for k, v in base.config.to_dict().items() if k not in names and getattr(default, k) != v}
     if dropped:
         raise ValueError(
-            f"patch: the layer is {base.mechanism} with {dropped}, which mechanism {key!r} has no option for; "
-            "patching it would change what the layer computes"
+            f"patch: the layer is {base.mechanism} with {dropped}, which mechanism {key!r} has no option "
+            "for; patching it would change what the layer computes"
         )
     mixer = make_mixer(key, **{**kept, **options}).to(next(base.parameters()))
     try:
@@ -96,18 +95,26 @@ def _attention_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module
                 other.add(kind)
     if other or not found:
         raise TypeError(
-            f"patch: {type(model).__name__} has attention modules {sorted(other) or 'none'} that patch does not "
-            f"support; patch takes transformers causal LMs with {', '.join(CAUSAL_ATTENTION)} (an encoder such "
-            "as BERT: use from_hf_attention on its layers)"
+            f"patch: {type(model).__name__} has attention modules {sorted(other) or 'none'} that patch does "
+            f"not support; patch takes transformers causal LMs with {', '.join(CAUSAL_ATTENTION)} (an "
+            "encoder such as BERT: use from_hf_attention on its layers)"
         )
     return found
 
 
-def patch(model: nn.Module, key: str, *, init: str = "pass_through", cache_policy: str | None = None,
-          policy_options: dict | None = None, drop_dropout: bool = False, **options) -> nn.Module:  # fmt: skip
+def patch(
+    model: nn.Module,
+    key: str,
+    *,
+    init: str = "pass_through",
+    cache_policy: str | None = None,
+    policy_options: dict | None = None,
+    drop_dropout: bool = False,
+    **options,
+) -> nn.Module:
     """Replace every attention layer of ``model`` (a transformers causal LM) in place with gatelab mechanism
-    ``key`` (softmax-family: softmax, gated_softmax, gated_heads, clipped_softmax, sliding_window, ...) holding
-    the pretrained weights; ``options`` are the mechanism's options (e.g. ``window=64, sinks=4``), and
+    ``key`` (softmax family: softmax, gated_softmax, gated_heads, clipped_softmax, sliding_window, ...)
+    holding the pretrained weights; ``options`` are the mechanism's options (e.g. ``window=64, sinks=4``), and
     ``cache_policy`` (+ ``policy_options``) plugs a gatelab KV-cache policy ("streaming", "h2o",
     "attention_gate") into every layer. New parameters start as ``init`` ("pass_through": a gate that leaves
     the logits unchanged; "random"). Gated DeltaNet layers of a hybrid keep transformers' own module.
