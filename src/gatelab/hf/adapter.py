@@ -143,7 +143,8 @@ class HFAttention(nn.Module):
 
     ``layer_idx`` is the entry of the model's Cache that holds the mixer's state; ``window`` the sliding
     window of the transformers layer it replaces (its masks hide old keys), None for full attention.
-    Attention weights are not returned (None): read them from the mixer with ``return_internals=True``.
+    Attention weights are not returned (None; a model's ``output_attentions`` stays empty): read them from
+    the mixer with ``return_internals=True``.
     """
 
     def __init__(self, mixer: nn.Module, layer_idx: int, window: int | None = None):
