@@ -14,7 +14,7 @@ import pytest
 import gatelab
 
 ROOT = Path(gatelab.__file__).parent
-LIBRARY = ("ops", "mixers", "cache", "registry.py", "testing.py", "benchmarking.py")
+LIBRARY = ("ops", "mixers", "cache", "hf", "registry.py", "testing.py", "benchmarking.py")
 UPPER = ("gatelab.lab", "gatelab.commands", "gatelab.cli")
 
 
@@ -52,6 +52,32 @@ def library_files():
 def test_library_never_imports_the_lab_or_the_cli(path):
     bad = sorted(m for m in imports_of(path) if m.startswith(UPPER))
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}: the library must not depend on the lab or CLI"
+
+
+def _transformers_imports(tree: ast.AST):
+    """(node, at module level) for every import of transformers in a parsed file."""
+    top = set()
+    for node in tree.body:  # module level, including under a top-level if/try
+        top |= (
+            {id(n) for n in ast.walk(node)} if not isinstance(node, ast.FunctionDef | ast.ClassDef) else set()
+        )
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        if any(n == "transformers" or n.startswith("transformers.") for n in names):
+            yield node, id(node) in top
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_transformers_is_imported_only_lazily_inside_gatelab_hf(path):
+    """transformers is an optional extra: only gatelab.hf may import it, and only inside functions, so that
+    ``import gatelab`` and ``import gatelab.hf`` work without it."""
+    inside_hf = path.relative_to(ROOT).parts[0] == "hf"
+    for node, at_top in _transformers_imports(ast.parse(path.read_text())):
+        where = f"{path.relative_to(ROOT)}:{node.lineno}"
+        assert inside_hf, f"{where} imports transformers; only gatelab/hf may"
+        assert not at_top, f"{where} imports transformers at module level; import it inside the function"
 
 
 def test_no_import_cycle_between_modules():

@@ -24,6 +24,7 @@ VARIANTS = [
     ("gated_heads", {}),
     ("gated_heads", {"mlp_hidden": 4, "pi_init": 0.5}),
     ("softmax", {"n_kv_heads": 2, "qk_norm": True}),
+    ("softmax", {"qkv_bias": True, "qk_norm": True, "qk_norm_eps": 1e-5, "rope_dims": 8}),
 ]
 
 
@@ -107,3 +108,47 @@ def test_clipped_gamma_from_alpha_and_errors():
         gatelab.make_mixer("gated_softmax", d_model=64, n_heads=4, gate="channel")
     with pytest.raises(ValueError, match="pi_init"):
         gatelab.make_mixer("gated_heads", d_model=64, n_heads=4, pi_init=1.0)
+
+
+def test_bias_norm_eps_and_partial_rope_options():
+    """qkv_bias biases q/k/v only (Qwen2), qk_norm_eps reaches the norms, rope_dims rotates the leading
+    channels only (partial RoPE); the defaults keep every earlier layout."""
+    plain = gatelab.make_mixer("softmax", d_model=64, n_heads=4)
+    assert plain.q_proj.bias is None and plain.o_proj.bias is None and plain.inv_freq.shape == (8,)
+    mixer = gatelab.make_mixer("softmax", d_model=64, n_heads=4, qkv_bias=True, qk_norm=True, qk_norm_eps=1e-5,
+                               rope_dims=4)  # fmt: skip
+    assert mixer.q_proj.bias is not None and mixer.v_proj.bias is not None and mixer.o_proj.bias is None
+    assert mixer.q_norm.eps == 1e-5 and mixer.inv_freq.shape == (2,)
+    both = gatelab.make_mixer("softmax", d_model=64, n_heads=4, bias=True, qkv_bias=False)
+    assert both.q_proj.bias is None and both.o_proj.bias is not None
+    from gatelab.ops.common.rope import apply_rope
+
+    x = torch.randn(1, 5, 4, 16)
+    rotated = apply_rope(x, torch.arange(5) + 3, mixer.inv_freq)
+    assert torch.equal(rotated[..., 4:], x[..., 4:]) and not torch.allclose(rotated[..., :4], x[..., :4])
+    for bad in (3, 0, 18):
+        with pytest.raises(ValueError, match="rope_dims must be an even int"):
+            gatelab.make_mixer("softmax", d_model=64, n_heads=4, rope_dims=bad)
+    with pytest.raises(ValueError, match="qk_norm_eps must be > 0"):
+        gatelab.make_mixer("softmax", d_model=64, n_heads=4, qk_norm_eps=0.0)
+
+
+def test_cache_override_runs_one_block_under_a_manager():
+    from gatelab.mixers._kv_cache import KVCacheManager
+
+    class Counting(KVCacheManager):
+        calls = 0
+
+        def update(self, *args):
+            Counting.calls += 1
+            return super().update(*args)
+
+    mixer = gatelab.make_mixer("softmax", d_model=64, n_heads=4)
+    x = torch.randn(1, 3, 64)
+    with mixer.cache_override(Counting()):
+        mixer(x)
+    mixer(x)
+    assert Counting.calls == 1 and type(mixer.cache_manager()) is KVCacheManager
+    with pytest.raises(TypeError, match="manager must be a KVCacheManager"):
+        with mixer.cache_override("plain"):
+            pass

@@ -4,6 +4,7 @@ output projection. Mechanisms subclass :class:`AttentionMixer` and override its 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,11 +24,26 @@ class AttentionConfig(HeadsConfig):
     rope: bool = True
     rope_base: float = 10000.0
     bias: bool = False
+    qkv_bias: bool | None = None  # biases on q/k/v only; None: as ``bias`` (Qwen2: q/k/v biased, output not)
+    qk_norm_eps: float = 1e-6
+    rope_dims: int | None = None  # leading channels of each head that RoPE rotates (partial RoPE); None: all
 
     def __post_init__(self):
         super().__post_init__()
         if self.rope_base <= 0:
             raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
+        if self.qk_norm_eps <= 0:
+            raise ValueError(f"qk_norm_eps must be > 0, got {self.qk_norm_eps}")
+        rope_dims = self.rope_dims
+        if rope_dims is not None and (rope_dims < 2 or rope_dims % 2 or rope_dims > self.dim):
+            raise ValueError(
+                f"rope_dims must be an even int in [2, head dim {self.dim}] or None, got {rope_dims}"
+            )
+
+    @property
+    def input_bias(self) -> bool:
+        """Whether q/k/v carry biases."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
 
 class AttentionMixer(Mixer):
@@ -46,15 +62,17 @@ class AttentionMixer(Mixer):
         super().__init__(config)
         c = config
         H, Hkv, D = c.n_heads, c.kv_heads, c.dim
-        self.q_proj = nn.Linear(c.d_model, H * D + self.extra_query_features(), bias=c.bias)
-        self.k_proj = nn.Linear(c.d_model, Hkv * D, bias=c.bias)
-        self.v_proj = nn.Linear(c.d_model, Hkv * D, bias=c.bias)
+        self.q_proj = nn.Linear(c.d_model, H * D + self.extra_query_features(), bias=c.input_bias)
+        self.k_proj = nn.Linear(c.d_model, Hkv * D, bias=c.input_bias)
+        self.v_proj = nn.Linear(c.d_model, Hkv * D, bias=c.input_bias)
         self.o_proj = nn.Linear(H * D, c.d_model, bias=c.bias)
         if c.qk_norm:
-            self.q_norm = nn.RMSNorm(D, eps=1e-6)
-            self.k_norm = nn.RMSNorm(D, eps=1e-6)
-        if c.rope:
-            self.register_buffer("inv_freq", rope_frequencies(D, c.rope_base), persistent=False)
+            self.q_norm = nn.RMSNorm(D, eps=c.qk_norm_eps)
+            self.k_norm = nn.RMSNorm(D, eps=c.qk_norm_eps)
+        if c.rope:  # apply_rope leaves the channels past 2 * len(inv_freq) unrotated
+            self.register_buffer(
+                "inv_freq", rope_frequencies(c.rope_dims or D, c.rope_base), persistent=False
+            )
 
     # Hooks for subclasses -------------------------------------------------------------------------
     def extra_query_features(self) -> int:
@@ -116,8 +134,24 @@ class AttentionMixer(Mixer):
                 f"cache_policy must be a KVCacheManager (gatelab.cache), got {type(policy).__name__}"
             )
 
+    @contextlib.contextmanager
+    def cache_override(self, manager: KVCacheManager):
+        """Run the calls inside the ``with`` under ``manager`` instead of the policy or own cache (the HF
+        bridge folds a padding mask into the keys this way); the mixer's own setting is back afterwards."""
+        if not isinstance(manager, KVCacheManager):
+            raise TypeError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
+        self.__dict__["_cache_override"] = manager
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("_cache_override", None)
+
     def cache_manager(self) -> KVCacheManager:
-        """The policy, if one is set, else ``own_cache()``."""
+        """The manager of :meth:`cache_override` while one is active, else the policy, if one is set, else
+        ``own_cache()``."""
+        override = self.__dict__.get("_cache_override")
+        if override is not None:
+            return override
         policy = self.cache_policy
         if policy is None:
             return self.own_cache()
