@@ -19,7 +19,7 @@ import torch
 
 from gatelab.lab import rundir
 from gatelab.lab.presets import Preset, get_preset
-from gatelab.lab.spec import Variant, build, check_memory, parse_variants
+from gatelab.lab.spec import Variant, build, check_memory, parse_variants, split_list
 
 PREFERRED = ("softmax", "gated_softmax", "clipped_softmax")  # first in every default comparison
 RUN_FILES = ("results.json", "models")  # what an earlier comparison left in its folder
@@ -122,6 +122,7 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
         peak_memory_kind=result.peak_memory_kind,
         params=model.num_parameters(),
         diagnostics=diagnose(model, batches),
+        moe=moe_summary(model, batches),
         task_info=task.describe(),
         model_dir=str(model_dir.relative_to(run_dir)),
     )
@@ -131,6 +132,25 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
 
         entry.update(evaluate_run(model, task, batches, kv_cache, batch_size=spec.batch_size, seed=spec.seed))
     return entry
+
+
+@torch.no_grad()
+def moe_summary(model, batches) -> dict | None:
+    """The MoE layers' expert load (max / mean, coefficient of variation), active-expert fraction, dropped
+    assignments and aux loss, averaged over layers and the validation ``batches``; None without MoE."""
+    from gatelab.gates.moe import moe_layers, moe_stats
+
+    if not moe_layers(model) or not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for inputs, _ in batches:
+        model(inputs.to(device))
+        rows.append(moe_stats(model))
+    model.train(was_training)
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
 
 
 def _budget(preset: Preset) -> dict:
@@ -313,6 +333,7 @@ def compare(
     device: str = "auto",
     corpus: str | None = None,
     kv_cache=None,
+    mlp: str | list | None = None,
     out: str | Path = "runs",
     name: str | None = None,
     threads: int | None = None,
@@ -323,7 +344,9 @@ def compare(
     """Train and compare ``mixers`` (see :func:`select_mixers`) on ``tasks`` (default: the preset's) with
     ``seeds`` seeds from ``seed`` on, under ``preset`` (a name or a Preset; ``steps`` / ``batch_size`` /
     ``seeds`` override it on every task); write ``out/<name or preset name>/`` and return the results (as
-    in its results.json). ``kv_cache``: a kv.rows.KVCacheOptions (see kv.rows.parse_options) or None;
+    in its results.json). ``mlp``: MLP choices ("swiglu", "moe:<router>"; text or list) run with every
+    variant, e.g. "swiglu,moe:topk,moe:comet" (None: each variant's own, SwiGLU by default). ``kv_cache``: a
+    kv.rows.KVCacheOptions (see kv.rows.parse_options) or None;
     ``threads``: torch CPU threads for this process (None: torch's choice)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     preset = apply_overrides(preset, steps=steps, batch_size=batch_size, seeds=seeds)
@@ -338,6 +361,9 @@ def compare(
     for task in tasks:  # --mixers applies to every task; else each task's preset list
         chosen[task], task_skipped = select_mixers(mixers, preset.for_task(task))
         skipped.update(task_skipped)
+        if mlp is not None:
+            mlps = split_list(mlp, "--mlp") if isinstance(mlp, str) else list(mlp)
+            chosen[task] = parse_variants([v.with_mlp(m) for v in chosen[task] for m in mlps])
         if not chosen[task]:
             raise ValueError(f"no mixer to compare on {task}: none of the requested mechanisms is registered")
     device = resolve_device(device)
