@@ -166,12 +166,16 @@ def test_report_shows_the_moe_columns_only_where_a_run_has_an_moe():
 
 
 def test_compare_runs_every_mixer_with_each_mlp_and_reports_moe_stats(tmp_path):
+    import io
+
+    from rich.console import Console
+
     from gatelab.lab.comparison import compare
 
-    threads = torch.get_num_threads()
+    threads, log = torch.get_num_threads(), io.StringIO()
     try:
         results = compare("quick", mixers="softmax", mlp="swiglu,moe:topk", tasks=["mqar"], steps=2, seeds=1,
-                          device="cpu", out=tmp_path, threads=1)  # fmt: skip
+                          device="cpu", out=tmp_path, threads=1, console=Console(file=log, width=300))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     runs = {r["mixer"]: r for r in results["runs"]}
@@ -187,3 +191,5 @@ def test_compare_runs_every_mixer_with_each_mlp_and_reports_moe_stats(tmp_path):
     )
     assert results["config"]["variants"]["softmax[mlp=moe:topk]"]["mlp"] == "moe:topk"
     assert "expert load" in (tmp_path / "quick" / "report.md").read_text()
+    # the variant's options are printed, not eaten as rich markup (progress lines and the table)
+    assert log.getvalue().count("softmax[mlp=moe:topk]") >= 2

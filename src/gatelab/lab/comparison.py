@@ -221,6 +221,7 @@ def run_compare(
     folder is locked for the whole comparison, and one holding an earlier comparison is refused unless
     ``overwrite``."""
     from rich.console import Console
+    from rich.markup import escape
 
     from gatelab.lab.report import aggregate, print_tables, to_json_safe, write_report
 
@@ -265,7 +266,8 @@ def run_compare(
         if skipped:
             console.print("not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
         for i, spec in enumerate(specs, 1):
-            what = f"[{i}/{len(specs)}] {spec.label} on {spec.task} (seed {spec.seed})"
+            # escaped: rich would take a variant's options ("[gate=headwise]") for markup and drop them
+            what = f"\\[{i}/{len(specs)}] {escape(spec.label)} on {spec.task} (seed {spec.seed})"
             try:
                 entry = run_one(spec, built[spec.task], run_dir, progress, kv_cache, overwrite)
                 final = entry["final"]

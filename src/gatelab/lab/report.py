@@ -132,6 +132,7 @@ def task_heading(results: dict, task: str) -> str:
 def print_tables(results: dict, console=None) -> None:
     """Print one rich table per task."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -143,7 +144,7 @@ def print_tables(results: dict, console=None) -> None:
         for i, name in enumerate(header):
             table.add_column(name, justify="left" if i == 0 else "right")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*map(escape, row))  # a variant's "[options]" are text, not rich markup
         console.print(table)
     from .kv.rows import print_tables as print_kv_tables
 
