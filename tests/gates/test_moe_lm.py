@@ -193,3 +193,19 @@ def test_compare_runs_every_mixer_with_each_mlp_and_reports_moe_stats(tmp_path):
     assert "expert load" in (tmp_path / "quick" / "report.md").read_text()
     # the variant's options are printed, not eaten as rich markup (progress lines and the table)
     assert log.getvalue().count("softmax[mlp=moe:topk]") >= 2
+
+
+def test_gatelab_train_takes_the_mlp_and_its_options():
+    import argparse
+
+    from gatelab.commands.train import _add_arguments, run_spec
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    args = parser.parse_args(["--mlp", "moe:comet", "--mlp-option", "n_experts=8", "--mlp-option", "k=3"])
+    spec = run_spec(args)
+    assert (spec.mlp, spec.mlp_options) == ("moe:comet", {"n_experts": 8, "k": 3})
+    with pytest.raises(ValueError, match=r"comet: k must be in \[1, n_experts=2\]"):
+        run_spec(
+            parser.parse_args(["--mlp", "moe:comet", "--mlp-option", "n_experts=2", "--mlp-option", "k=3"])
+        )

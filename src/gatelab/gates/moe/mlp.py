@@ -7,7 +7,9 @@
 Two paths give the same output: ``"dense"`` (the reference: every expert on every token, weighted) and
 ``"sparse"`` (each expert runs only on the tokens routed to it, gathered and scattered back). Tokens reach
 the router position-major (all sequences' first tokens, then their second ...), so with a capacity an
-earlier position is never dropped for a later one.
+earlier position is never dropped for a later one. Without a capacity every token is routed on its own,
+so token-by-token decoding gives the parallel pass's output; with one, what is dropped depends on the tokens
+of the call (a one-token decoding step drops nothing).
 """
 
 from __future__ import annotations
