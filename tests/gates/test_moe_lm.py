@@ -5,10 +5,10 @@ import hashlib
 
 import pytest
 import torch
+from helpers import check_lm_decodes_like_the_full_pass
 
 from gatelab.gates.moe import MoEMLP, moe_aux_loss, router_keys
 from gatelab.lab.models.lm import LM, LMConfig, SwiGLU
-from gatelab.testing import assert_close
 
 ROUTERS = router_keys()
 
@@ -42,15 +42,7 @@ def test_the_default_lm_is_bit_identical_to_the_one_before_moe():
 def test_moe_lm_decodes_token_by_token_to_the_full_pass(router):
     model = LM(small(mlp=f"moe:{router}")).eval()
     assert all(isinstance(b.mlp, MoEMLP) and b.mlp.router_key == router for b in model.blocks)
-    idx = torch.randint(0, 50, (2, 9))
-    with torch.no_grad():
-        full, _ = model(idx)
-        logits, states = model(idx[:, :4])
-        steps = [logits]
-        for t in range(4, 9):
-            logits, states = model(idx[:, t : t + 1], states)
-            steps.append(logits)
-    assert_close(f"moe:{router} decode", torch.cat(steps, 1), full, torch.float32)
+    check_lm_decodes_like_the_full_pass(model, torch.randint(0, 50, (2, 9)), 4, f"moe:{router}")
 
 
 def test_moe_lm_options_reach_the_mlp_and_router_and_save_load(tmp_path):

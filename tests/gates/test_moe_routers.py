@@ -66,6 +66,9 @@ def test_bad_inputs_raise_clear_errors(key):
         router(torch.ones(5, D, dtype=torch.long))
     with pytest.raises(ValueError, match=rf"{key}: k must be in \[1, n_experts=4\].*got 5"):
         make_router(key, d_model=D, n_experts=E, k=5)
+    if key != "dense_to_sparse":  # the one router without a fixed number of experts
+        with pytest.raises(ValueError, match=rf"{key}: k must be an int in \[1, n_experts\], got None"):
+            make_router(key, d_model=D, n_experts=E, k=None)
     with pytest.raises(ValueError, match=rf"{key}: capacity_factor must be > 0"):
         make_router(key, d_model=D, n_experts=E, capacity_factor=0.0)
     with pytest.raises(TypeError, match=rf"{key}: option 'n_experts' must be an int"):

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from gatelab.mixers._base import check_fields
-from gatelab.registry import mechanism_key
+from gatelab.registry import MechanismSpec, mechanism_key, register
 
 ROLE = "moe_router"  # MechanismSpec.extra["role"] of every router (family "gate")
 
@@ -33,10 +34,13 @@ class RouterConfig:
     k: int | None = 2  # experts per token (a router's own meaning; None: no fixed number)
     balance_weight: float = 0.01  # weight of the load-balance loss (0: none)
     capacity_factor: float | None = None  # None: no capacity, no token is dropped
+    needs_k: ClassVar[bool] = True  # False where k=None (no fixed number of experts) is a valid choice
 
     def __post_init__(self):
         check_fields(self)
         key = mechanism_key(type(self))
+        if self.k is None and self.needs_k:
+            raise ValueError(f"{key}: k must be an int in [1, n_experts], got None")
         if self.d_model < 1:
             raise ValueError(f"{key}: d_model must be a positive int, got {self.d_model}")
         if self.n_experts < 1:
@@ -132,3 +136,21 @@ def expert_linear(n_experts: int, d_in: int, d_out: int) -> nn.Parameter:
     weight = torch.empty(n_experts, d_in, d_out)
     bound = 1 / math.sqrt(d_in)
     return nn.Parameter(nn.init.uniform_(weight, -bound, bound))
+
+
+def register_router(key: str, config_cls: type, module_cls: type, paper: str, notes: str, **fields) -> None:
+    """Register an MoE router: family "gate" (the sequence-mixer drivers skip it), never offered as a
+    decoder mixer (causal=False), ``extra["role"] == ROLE`` (how :func:`router_keys` finds it)."""
+    register(
+        MechanismSpec(
+            key,
+            "gate",
+            config_cls,
+            module_cls,
+            paper,
+            causal=False,
+            notes=notes,
+            extra={"role": ROLE},
+            **fields,
+        )
+    )

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gatelab.registry import MechanismSpec, register
-
-from ._router import ROLE, Router, RouterConfig, top_k_weights
+from ._router import Router, RouterConfig, register_router, top_k_weights
 
 
 @dataclass
@@ -34,8 +32,6 @@ class AWMoEConfig(RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.k is None:
-            raise ValueError("aw_moe: k must be an int in [1, n_experts], got None")
         if self.attention_hidden < 1:
             raise ValueError(f"aw_moe: attention_hidden must be a positive int, got {self.attention_hidden}")
 
@@ -65,18 +61,13 @@ class AWMoERouter(Router):
         return weighted, top_k_weights(weighted, self.config.k, normalize=True), {}
 
 
-register(
-    MechanismSpec(
-        key="aw_moe",
-        family="gate",
-        config_cls=AWMoEConfig,
-        module_cls=AWMoERouter,
-        paper="Attention Weighted Mixture of Experts with Contrastive Learning for Personalized Ranking in "
-        "E-commerce (Gong et al., 2023)",
-        causal=False,
-        status="experimental",
-        notes="MoE router: gate unit x DIN-style activation unit per expert, top-k; from the abstract only: "
-        "a per-token reading (no behaviour sequence), masking and contrastive loss left out",
-        extra={"role": ROLE},
-    )
+register_router(
+    "aw_moe",
+    AWMoEConfig,
+    AWMoERouter,
+    paper="Attention Weighted Mixture of Experts with Contrastive Learning for Personalized Ranking in "
+    "E-commerce (Gong et al., 2023)",
+    notes="MoE router: gate unit x DIN-style activation unit per expert, top-k; from the abstract only: "
+    "a per-token reading (no behaviour sequence), masking and contrastive loss left out",
+    status="experimental",
 )

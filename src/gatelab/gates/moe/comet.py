@@ -24,9 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gatelab.registry import MechanismSpec, register
-
-from ._router import ROLE, Router, RouterConfig
+from ._router import Router, RouterConfig, register_router
 
 REACH_FLOOR = 1e-5  # leaves reached with a lower probability are cut (the code's threshold)
 EPSILON = 1e-6
@@ -63,8 +61,6 @@ class CometConfig(RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.k is None:
-            raise ValueError("comet: k (the number of trees) must be an int in [1, n_experts], got None")
         if self.gamma <= 0:
             raise ValueError(f"comet: gamma must be > 0, got {self.gamma}")
         if self.entropy_weight < 0:
@@ -108,16 +104,11 @@ class CometRouter(Router):
         return w, w, aux
 
 
-register(
-    MechanismSpec(
-        key="comet",
-        family="gate",
-        config_cls=CometConfig,
-        module_cls=CometRouter,
-        paper="COMET: Learning Cardinality Constrained Mixture of Experts with Trees and Local Search (Ibrahim et al., 2023)",
-        causal=False,
-        notes="MoE router: k smooth-step trees, <= k experts once the nodes saturate; entropy regulariser; "
-        "the permutation local search is not implemented",
-        extra={"role": ROLE},
-    )
+register_router(
+    "comet",
+    CometConfig,
+    CometRouter,
+    paper="COMET: Learning Cardinality Constrained Mixture of Experts with Trees and Local Search (Ibrahim et al., 2023)",
+    notes="MoE router: k smooth-step trees, <= k experts once the nodes saturate; entropy regulariser; "
+    "the permutation local search is not implemented",
 )

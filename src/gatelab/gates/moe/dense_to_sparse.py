@@ -15,15 +15,15 @@ always stays) and renormalising; ``k`` (None: no cap) optionally keeps at most k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gatelab.ops.common.checks import check_choice
-from gatelab.registry import MechanismSpec, register
 
-from ._router import ROLE, Router, RouterConfig, top_k_weights
+from ._router import Router, RouterConfig, register_router, top_k_weights
 
 ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu, "identity": lambda t: t}
 
@@ -31,6 +31,7 @@ ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu, "id
 @dataclass
 class DenseToSparseConfig(RouterConfig):
     k: int | None = None  # no fixed number of experts: the temperature decides
+    needs_k: ClassVar[bool] = False
     activation: str = "tanh"
     tau_start: float = 2.0
     tau_end: float = 0.1
@@ -77,17 +78,12 @@ class DenseToSparseRouter(Router):
         return probs, weights / weights.sum(-1, keepdim=True), {}
 
 
-register(
-    MechanismSpec(
-        key="dense_to_sparse",
-        family="gate",
-        config_cls=DenseToSparseConfig,
-        module_cls=DenseToSparseRouter,
-        paper="Is Temperature Sample Efficient for Softmax Gaussian Mixture of Experts? (Nguyen et al., 2024)",
-        causal=False,
-        status="experimental",
-        notes="MoE router: softmax(act(Wx + b) / tau), tau annealed, small weights pruned; from the abstract "
-        "only: where tau sits, the activation and the pruning rule are our reading",
-        extra={"role": ROLE},
-    )
+register_router(
+    "dense_to_sparse",
+    DenseToSparseConfig,
+    DenseToSparseRouter,
+    paper="Is Temperature Sample Efficient for Softmax Gaussian Mixture of Experts? (Nguyen et al., 2024)",
+    notes="MoE router: softmax(act(Wx + b) / tau), tau annealed, small weights pruned; from the abstract "
+    "only: where tau sits, the activation and the pruning rule are our reading",
+    status="experimental",
 )

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gatelab.registry import MechanismSpec, register
-
-from ._router import ROLE, Router, RouterConfig, top_k_weights
+from ._router import Router, RouterConfig, register_router, top_k_weights
 
 
 @dataclass
@@ -22,8 +20,6 @@ class TopKConfig(RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.k is None:
-            raise ValueError("topk: k must be an int in [1, n_experts], got None")
         if self.z_weight < 0:
             raise ValueError(f"topk: z_weight must be >= 0, got {self.z_weight}")
 
@@ -43,15 +39,10 @@ class TopKRouter(Router):
         return probs, top_k_weights(probs, self.config.k, self.config.normalize), aux
 
 
-register(
-    MechanismSpec(
-        key="topk",
-        family="gate",
-        config_cls=TopKConfig,
-        module_cls=TopKRouter,
-        paper="Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer (Shazeer et al., 2017)",
-        causal=False,
-        notes="MoE router (the baseline): softmax top-k, Switch load-balance loss, optional z-loss",
-        extra={"role": ROLE},
-    )
+register_router(
+    "topk",
+    TopKConfig,
+    TopKRouter,
+    paper="Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer (Shazeer et al., 2017)",
+    notes="MoE router (the baseline): softmax top-k, Switch load-balance loss, optional z-loss",
 )
