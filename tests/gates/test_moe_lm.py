@@ -76,8 +76,26 @@ def test_moe_lm_config_errors():
         small(mlp_options={"n_experts": 8})
     with pytest.raises(ValueError, match=r"topk: k must be in \[1, n_experts=2\]"):
         small(mlp="moe:topk", mlp_options={"n_experts": 2, "k": 3})
-    with pytest.raises(TypeError, match="unexpected keyword argument 'gama'"):
+    with pytest.raises(
+        TypeError, match="mlp_options of moe:comet: .*'gama'; valid options: .*entropy_weight, gamma"
+    ):
         small(mlp="moe:comet", mlp_options={"gama": 1.0})
+    with pytest.raises(ValueError, match="MoE MLP: expert_hidden must be a positive int, got 0"):
+        small(mlp="moe:topk", mlp_options={"expert_hidden": 0})
+    with pytest.raises(ValueError, match="path must be one of 'sparse', 'dense', got 'gather'"):
+        small(mlp="moe:topk", mlp_options={"path": "gather"})
+    with pytest.raises(ValueError, match=r"'comet' is a gate, not a sequence mixer .*mlp='moe:comet'"):
+        small(pattern="comet")
+
+
+def test_compare_refuses_a_router_as_a_mixer_and_points_to_mlp():
+    from gatelab.lab.comparison import select_mixers
+    from gatelab.lab.presets import PRESETS
+
+    with pytest.raises(
+        ValueError, match="'topk' is a gate, not a mixer; an MoE router runs as --mlp moe:topk"
+    ):
+        select_mixers("softmax,topk", PRESETS["quick"])
 
 
 def test_the_trainer_adds_the_moe_loss_and_logs_expert_load():

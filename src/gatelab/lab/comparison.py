@@ -36,11 +36,16 @@ def select_mixers(requested: str | list | None, preset: Preset) -> tuple[list[Va
 
     causal = {s.key for s in list_mechanisms(causal=True)}
     known = {s.key for s in list_mechanisms()}
+    gates = {s.key for s in list_mechanisms(family="gate")}
     if requested is not None:
         variants = parse_variants(requested)
         for variant in variants:
             if variant.key not in known:
                 raise ValueError(f"unknown mixer {variant.key!r}; causal mixers: {', '.join(sorted(causal))}")
+            if variant.key in gates:
+                raise ValueError(
+                    f"{variant.key!r} is a gate, not a mixer; an MoE router runs as --mlp moe:{variant.key}"
+                )
             if variant.key not in causal:
                 raise ValueError(f"mixer {variant.key!r} is not causal and cannot run in the decoder LM")
         return variants, {}

@@ -42,6 +42,14 @@ def make_router(key: str, **options) -> nn.Module:
     return make_mixer(key, **options)
 
 
+def check_sizes(*, path: str = "sparse", **sizes) -> None:
+    """The MoE MLP's own options: positive int sizes and a known path."""
+    check_choice("path", path, PATHS)
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"MoE MLP: {name} must be a positive int, got {value!r}")
+
+
 class MoEMLP(nn.Module):
     def __init__(
         self,
@@ -53,10 +61,7 @@ class MoEMLP(nn.Module):
         path: str = "sparse",
     ):
         super().__init__()
-        check_choice("path", path, PATHS)
-        for name, value in (("d_model", d_model), ("expert_hidden", expert_hidden), ("n_experts", n_experts)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MoE MLP: {name} must be a positive int, got {value!r}")
+        check_sizes(d_model=d_model, expert_hidden=expert_hidden, n_experts=n_experts, path=path)
         self.path, self.n_experts, self.expert_hidden = path, n_experts, expert_hidden
         self.router_key = router
         self.router = make_router(router, d_model=d_model, n_experts=n_experts, **(router_options or {}))

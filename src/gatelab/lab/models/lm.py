@@ -40,6 +40,9 @@ def parse_pattern(pattern: str, n_layers: int) -> list[str]:
                 f"pattern {pattern!r}: repeat count after '*' must be a positive int, got {count!r}"
             )
         spec = get(key)  # raises, listing the known keys, if unknown
+        if spec.family == "gate":
+            raise ValueError(f"pattern {pattern!r}: {key!r} is a gate, not a sequence mixer (an MoE router goes "
+                             f"in the MLP slot: mlp='moe:{key}')")  # fmt: skip
         if not spec.causal:
             raise ValueError(
                 f"pattern {pattern!r}: mechanism {key!r} is not causal and cannot be used in a decoder"
@@ -116,8 +119,17 @@ class LMConfig:
                 f"mlp must be 'swiglu' or 'moe:<router>' with a router among {', '.join(router_keys())}; "
                 f"got {self.mlp!r}"
             )
+        from gatelab.gates.moe.mlp import check_sizes
+
         moe, router_options = self.moe_options()
-        get(router).config_cls(d_model=self.d_model, n_experts=moe["n_experts"], **router_options)
+        check_sizes(**moe)
+        config_cls = get(router).config_cls
+        try:
+            config_cls(d_model=self.d_model, n_experts=moe["n_experts"], **router_options)
+        except TypeError as error:
+            names = sorted({f.name for f in dataclasses.fields(config_cls)} - {"d_model"})
+            valid = ", ".join(["expert_hidden", "path", *names])
+            raise TypeError(f"mlp_options of {self.mlp}: {error}; valid options: {valid}") from None
         return router
 
     def moe_options(self) -> tuple[dict, dict]:
