@@ -155,3 +155,16 @@ def check_mixer_backends_agree(mixer, x: torch.Tensor, backend: str, reference: 
     assert_close(f"{backend} dx", dx, dx_ref, torch.float32)
     for n in grads_ref:
         assert_close(f"{backend} d{n}", grads[n], grads_ref[n], torch.float32)
+
+
+def check_lm_decodes_like_the_full_pass(model, idx: torch.Tensor, prefix: int, name: str) -> None:
+    """An LM (eval mode) fed idx[:, :prefix] and then one token at a time with its states gives the logits
+    of one full forward pass over idx (B, T)."""
+    with torch.no_grad():
+        full, _ = model(idx)
+        logits, states = model(idx[:, :prefix])
+        steps = [logits]
+        for t in range(prefix, idx.shape[1]):
+            logits, states = model(idx[:, t : t + 1], states)
+            steps.append(logits)
+    assert_close(f"{name} LM decode", torch.cat(steps, dim=1), full, torch.float32)

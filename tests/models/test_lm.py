@@ -174,7 +174,7 @@ def _causal_specs():
 def test_every_causal_mixer_builds_an_lm_whose_decoding_matches_the_full_pass(spec):
     """Any registered causal mixer works in the LM with no change to it: token-by-token decoding with the
     states gives the logits of the full forward pass."""
-    from gatelab.testing import assert_close
+    from helpers import check_lm_decodes_like_the_full_pass
 
     options = {spec.key: spec.extra.get("test_options", {})}
     model = LM(
@@ -182,13 +182,4 @@ def test_every_causal_mixer_builds_an_lm_whose_decoding_matches_the_full_pass(sp
             vocab_size=32, d_model=64, n_layers=2, n_heads=4, pattern=spec.key, mixer_options=options, seed=0
         )
     )
-    model.eval()
-    idx = torch.randint(0, 32, (2, 10))
-    with torch.no_grad():
-        full, _ = model(idx)
-        logits, states = model(idx[:, :4])
-        steps = [logits]
-        for t in range(4, 10):
-            logits, states = model(idx[:, t : t + 1], states)
-            steps.append(logits)
-    assert_close(f"{spec.key} LM decode", torch.cat(steps, dim=1), full, torch.float32)
+    check_lm_decodes_like_the_full_pass(model.eval(), torch.randint(0, 32, (2, 10)), 4, spec.key)

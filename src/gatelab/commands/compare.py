@@ -20,6 +20,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "gated_softmax[gate=elementwise,name=gs_elem]' (default: the preset's / every causal one)",
     )  # fmt: skip
     parser.add_argument(
+        "--mlp", default=None,
+        help="MLP choices run with every mixer: comma-separated 'swiglu' and 'moe:<router>' (routers: "
+        "gatelab list --family gate), e.g. 'swiglu,moe:topk,moe:comet' (default: SwiGLU)",
+    )  # fmt: skip
+    parser.add_argument(
         "--tasks", default=None, help="comma-separated tasks: mqar, text, idle (default: the preset's)"
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -86,7 +91,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         mixers=args.mixers,
         tasks=None if args.tasks is None else split_list(args.tasks, "--tasks"),
         seed=args.seed, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size, device=args.device,
-        corpus=args.corpus,
+        corpus=args.corpus, mlp=args.mlp,
         kv_cache=parse_options(args.kv_cache, args.kv_budgets, args.kv_gate_steps, args.kv_context),
         out=args.out, name=args.name, threads=args.threads, overwrite=args.overwrite,
         command_line=_command_line(args),

@@ -35,6 +35,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="e.g. gated_softmax.gate=headwise",
     )
     p.add_argument(
+        "--mlp",
+        default="swiglu",
+        help="every block's MLP: swiglu, or moe:<router> (gatelab list --family gate)",
+    )
+    p.add_argument(
+        "--mlp-option", action="append", default=[], metavar="NAME=VALUE",
+        help="MoE MLP options, e.g. n_experts=8, k=1, capacity_factor=1.25 (LMConfig.mlp_options)",
+    )  # fmt: skip
+    p.add_argument(
         "--attention-gate", action="append", default=None, metavar="NAME=VALUE",
         help="train KV-cache eviction gates with the LM on its softmax-family layers, e.g. "
         "--attention-gate target_keep=0.5 [--attention-gate recent=16] (options of gatelab.cache's gate)",
@@ -92,6 +101,7 @@ def run_spec(args: argparse.Namespace):
     return RunSpec(
         task=args.task, task_options=task_options, pattern=args.pattern, mixer_options=mixer_options,
         d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio,
+        mlp=args.mlp, mlp_options=dict(_pairs(args.mlp_option, "--mlp-option")),
         attention_gate=None if args.attention_gate is None else dict(_pairs(args.attention_gate, "--attention-gate")),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup=args.warmup if args.warmup is not None else min(100, args.steps // 10),

@@ -19,7 +19,7 @@ import torch
 
 from gatelab.lab import rundir
 from gatelab.lab.presets import Preset, get_preset
-from gatelab.lab.spec import Variant, build, check_memory, parse_variants
+from gatelab.lab.spec import Variant, build, check_memory, parse_variants, split_list
 
 PREFERRED = ("softmax", "gated_softmax", "clipped_softmax")  # first in every default comparison
 RUN_FILES = ("results.json", "models")  # what an earlier comparison left in its folder
@@ -36,11 +36,16 @@ def select_mixers(requested: str | list | None, preset: Preset) -> tuple[list[Va
 
     causal = {s.key for s in list_mechanisms(causal=True)}
     known = {s.key for s in list_mechanisms()}
+    gates = {s.key for s in list_mechanisms(family="gate")}
     if requested is not None:
         variants = parse_variants(requested)
         for variant in variants:
             if variant.key not in known:
                 raise ValueError(f"unknown mixer {variant.key!r}; causal mixers: {', '.join(sorted(causal))}")
+            if variant.key in gates:
+                raise ValueError(
+                    f"{variant.key!r} is a gate, not a mixer; an MoE router runs as --mlp moe:{variant.key}"
+                )
             if variant.key not in causal:
                 raise ValueError(f"mixer {variant.key!r} is not causal and cannot run in the decoder LM")
         return variants, {}
@@ -122,6 +127,7 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
         peak_memory_kind=result.peak_memory_kind,
         params=model.num_parameters(),
         diagnostics=diagnose(model, batches),
+        moe=moe_summary(model, batches),
         task_info=task.describe(),
         model_dir=str(model_dir.relative_to(run_dir)),
     )
@@ -131,6 +137,25 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
 
         entry.update(evaluate_run(model, task, batches, kv_cache, batch_size=spec.batch_size, seed=spec.seed))
     return entry
+
+
+@torch.no_grad()
+def moe_summary(model, batches) -> dict | None:
+    """The MoE layers' expert load (max / mean, coefficient of variation), active-expert fraction, dropped
+    assignments and aux loss, averaged over layers and the validation ``batches``; None without MoE."""
+    from gatelab.gates.moe import moe_layers, moe_stats
+
+    if not moe_layers(model) or not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for inputs, _ in batches:
+        model(inputs.to(device))
+        rows.append(moe_stats(model))
+    model.train(was_training)
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
 
 
 def _budget(preset: Preset) -> dict:
@@ -201,6 +226,7 @@ def run_compare(
     folder is locked for the whole comparison, and one holding an earlier comparison is refused unless
     ``overwrite``."""
     from rich.console import Console
+    from rich.markup import escape
 
     from gatelab.lab.report import aggregate, print_tables, to_json_safe, write_report
 
@@ -245,7 +271,8 @@ def run_compare(
         if skipped:
             console.print("not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
         for i, spec in enumerate(specs, 1):
-            what = f"[{i}/{len(specs)}] {spec.label} on {spec.task} (seed {spec.seed})"
+            # escaped: rich would take a variant's options ("[gate=headwise]") for markup and drop them
+            what = f"\\[{i}/{len(specs)}] {escape(spec.label)} on {spec.task} (seed {spec.seed})"
             try:
                 entry = run_one(spec, built[spec.task], run_dir, progress, kv_cache, overwrite)
                 final = entry["final"]
@@ -313,6 +340,7 @@ def compare(
     device: str = "auto",
     corpus: str | None = None,
     kv_cache=None,
+    mlp: str | list | None = None,
     out: str | Path = "runs",
     name: str | None = None,
     threads: int | None = None,
@@ -323,7 +351,9 @@ def compare(
     """Train and compare ``mixers`` (see :func:`select_mixers`) on ``tasks`` (default: the preset's) with
     ``seeds`` seeds from ``seed`` on, under ``preset`` (a name or a Preset; ``steps`` / ``batch_size`` /
     ``seeds`` override it on every task); write ``out/<name or preset name>/`` and return the results (as
-    in its results.json). ``kv_cache``: a kv.rows.KVCacheOptions (see kv.rows.parse_options) or None;
+    in its results.json). ``mlp``: MLP choices ("swiglu", "moe:<router>"; text or list) run with every
+    variant, e.g. "swiglu,moe:topk,moe:comet" (None: each variant's own, SwiGLU by default). ``kv_cache``: a
+    kv.rows.KVCacheOptions (see kv.rows.parse_options) or None;
     ``threads``: torch CPU threads for this process (None: torch's choice)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     preset = apply_overrides(preset, steps=steps, batch_size=batch_size, seeds=seeds)
@@ -338,6 +368,9 @@ def compare(
     for task in tasks:  # --mixers applies to every task; else each task's preset list
         chosen[task], task_skipped = select_mixers(mixers, preset.for_task(task))
         skipped.update(task_skipped)
+        if mlp is not None:
+            mlps = split_list(mlp, "--mlp") if isinstance(mlp, str) else list(mlp)
+            chosen[task] = parse_variants([v.with_mlp(m) for v in chosen[task] for m in mlps])
         if not chosen[task]:
             raise ValueError(f"no mixer to compare on {task}: none of the requested mechanisms is registered")
     device = resolve_device(device)

@@ -99,6 +99,8 @@ class Preset:
             "pattern": variant.key,
             "name": variant.name,
             "mixer_options": variant.mixer_options(base),
+            "mlp": variant.mlp,
+            "mlp_options": dict(variant.mlp_options),
             "warmup": min(budget.warmup, budget.steps - 1),
             "seed": seed,
             "device": device,

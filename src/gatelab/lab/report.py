@@ -23,6 +23,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("w8a8_gap", "W8A8 gap", "+.3f"),
     ("gate_mean", "gate mean", ".3f"),
     ("gate_frac_below", "gate < 0.1", ".2f"),
+    ("expert_load", "expert load", ".2f"),
+    ("active_experts", "active experts", ".2f"),
+    ("moe_aux", "MoE aux", ".4f"),
     ("tokens_per_s", "tokens/s", ".0f"),
     ("params", "params", ",.0f"),
     ("wall_s", "wall s", ".1f"),
@@ -40,8 +43,11 @@ COLUMN_NOTES = (
     "and fraction below 0.1 over gated layers, read from each mixer's internals['gate'] as it gives them "
     "(a linear, unbounded gate such as lightning's default can be negative); sink share and entropy of a "
     "linear mixer read its equivalent T x T matrix as shares of absolute weight; '-': the mixer has no such "
-    "internals."
+    "internals; expert load / active experts / MoE aux (runs with an MoE MLP only): the busiest expert's "
+    "assignments over the mean, the mean fraction of experts a token uses, and the router's auxiliary loss "
+    "(load balance and its own), averaged over MoE layers and the diagnostics batches."
 )
+MOE_COLUMNS = ("expert_load", "active_experts", "moe_aux")  # shown only where some run has an MoE MLP
 
 
 def run_metrics(run: dict) -> dict[str, float | None]:
@@ -55,6 +61,12 @@ def run_metrics(run: dict) -> dict[str, float | None]:
         "params": finite(run.get("params")),
         "wall_s": finite(run.get("wall_s")),
     }
+    moe = run.get("moe") or {}
+    out.update(
+        expert_load=finite(moe.get("load_max_over_mean")),
+        active_experts=finite(moe.get("active_fraction")),
+        moe_aux=finite(moe.get("aux_loss")),
+    )
     for key in (
         "sink_share", "attn_entropy", "max_activation", "massive_ratio", "max_inf_norm", "avg_kurtosis",
         "w8a8_gap", "gate_mean", "gate_frac_below",
@@ -81,16 +93,18 @@ def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
 def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per mixer, in the comparison's order) of the table of one task."""
     agg = results["aggregate"].get(task, {})
-    header = ["mixer"] + [h for _, h, _ in COLUMNS]
+    moe = any(r.get("moe") for r in results["runs"] if r["task"] == task)
+    columns = [c for c in COLUMNS if moe or c[0] not in MOE_COLUMNS]
+    header = ["mixer"] + [h for _, h, _ in columns]
     rows = []
     for mixer in results["config"]["mixers"]:
         failed = [
             r for r in results["runs"] if r["task"] == task and r["mixer"] == mixer and r["status"] != "ok"
         ]
         if mixer in agg:
-            rows.append([mixer] + [format_cell(agg[mixer].get(k), f) for k, _, f in COLUMNS])
+            rows.append([mixer] + [format_cell(agg[mixer].get(k), f) for k, _, f in columns])
         elif failed:
-            rows.append([mixer, f"failed: {failed[0].get('error', '')[:60]}"] + [""] * (len(COLUMNS) - 1))
+            rows.append([mixer, f"failed: {failed[0].get('error', '')[:60]}"] + [""] * (len(columns) - 1))
     return header, rows
 
 
@@ -118,6 +132,7 @@ def task_heading(results: dict, task: str) -> str:
 def print_tables(results: dict, console=None) -> None:
     """Print one rich table per task."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -129,7 +144,7 @@ def print_tables(results: dict, console=None) -> None:
         for i, name in enumerate(header):
             table.add_column(name, justify="left" if i == 0 else "right")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*map(escape, row))  # a variant's "[options]" are text, not rich markup
         console.print(table)
     from .kv.rows import print_tables as print_kv_tables
 

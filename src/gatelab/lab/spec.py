@@ -63,19 +63,41 @@ class Variant:
     name: str
     key: str
     options: dict = field(default_factory=dict)  # make_mixer options of this key (on top of a preset's)
+    mlp: str = "swiglu"  # LMConfig.mlp: "swiglu" or "moe:<router>" (option mlp=... in the variant's text)
+    mlp_options: dict = field(default_factory=dict)  # LMConfig.mlp_options (options mlp.NAME=... in the text)
 
     def __post_init__(self):  # the key is checked against the registry where the variant is used
-        if not isinstance(self.options, dict):
+        if not isinstance(self.options, dict) or not isinstance(self.mlp_options, dict):
             raise TypeError(f"variant {self.name!r}: options must be a dict, got {self.options!r}")
         if not isinstance(self.name, str) or not self.name or re.search(r"[\s/]", self.name):
             raise ValueError(f"variant name must be non-empty text without spaces or '/', got {self.name!r}")
 
     @classmethod
-    def of(cls, key: str, options: dict | None = None, name: str | None = None) -> Variant:
-        """The variant of ``key`` with ``options``, named ``name`` or by its text."""
-        options = dict(options or {})
-        text = ",".join(f"{k}={_text(v)}" for k, v in options.items())
-        return cls(name or (f"{key}[{text}]" if options else key), key, options)
+    def of(
+        cls,
+        key: str,
+        options: dict | None = None,
+        name: str | None = None,
+        mlp: str = "swiglu",
+        mlp_options: dict | None = None,
+    ) -> Variant:
+        """The variant of ``key`` with ``options`` (and an MLP other than SwiGLU), named ``name`` or by its
+        text."""
+        options, mlp_options = dict(options or {}), dict(mlp_options or {})
+        shown = {**options, **({"mlp": mlp} if mlp != "swiglu" else {})}
+        shown.update({f"mlp.{k}": v for k, v in mlp_options.items()})
+        text = ",".join(f"{k}={_text(v)}" for k, v in shown.items())
+        return cls(name or (f"{key}[{text}]" if shown else key), key, options, mlp, mlp_options)
+
+    def with_mlp(self, mlp: str) -> Variant:
+        """This variant with ``mlp`` (``gatelab compare --mlp``): named by its text, or ``<name>+<mlp>``
+        when it was given a name."""
+        if self.mlp != "swiglu" or self.mlp_options:
+            raise ValueError(f"--mlp: variant {self.name!r} already chooses its MLP ({self.mlp})")
+        if mlp == "swiglu":
+            return self
+        named = self.name != Variant.of(self.key, self.options).name
+        return Variant.of(self.key, self.options, f"{self.name}+{mlp}" if named else None, mlp)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -101,7 +123,9 @@ class Variant:
             raise ValueError(
                 f"--mixers: variant {text!r}: name= takes letters, digits and _.+-, got {name!r}"
             )
-        return cls.of(key.strip(), options, name)
+        mlp = options.pop("mlp", "swiglu")
+        mlp_options = {k[4:]: options.pop(k) for k in [k for k in options if k.startswith("mlp.")]}
+        return cls.of(key.strip(), options, name, mlp, mlp_options)
 
     @property
     def slug(self) -> str:
@@ -114,7 +138,10 @@ class Variant:
         return {**base, self.key: {**base.get(self.key, {}), **self.options}}
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "options": dict(self.options)}
+        out = {"key": self.key, "options": dict(self.options)}
+        if self.mlp != "swiglu" or self.mlp_options:
+            out.update(mlp=self.mlp, mlp_options=dict(self.mlp_options))
+        return out
 
 
 def folder_name(name: str) -> str:
@@ -158,6 +185,8 @@ class RunSpec:
     n_heads: int = 4
     mlp_ratio: float = 4.0
     attention_gate: dict | None = None  # LMConfig.attention_gate
+    mlp: str = "swiglu"  # LMConfig.mlp: "swiglu" or "moe:<router>"
+    mlp_options: dict = field(default_factory=dict)  # LMConfig.mlp_options
     max_seq_len: int | None = None  # None: the task's sequence length
     steps: int = 1000
     batch_size: int = 32
@@ -200,11 +229,22 @@ class RunSpec:
             )
         for key in keys:
             check_mixer_options(key, self, self.label)
+        self.check_mlp()
         self.train_config()  # the training fields' own checks
 
     @property
     def label(self) -> str:
         return self.name or self.pattern
+
+    def check_mlp(self) -> None:
+        """The MLP choice and its options, checked as the LM will (the error names the run)."""
+        from gatelab.lab.models.lm import LMConfig
+
+        sizes = ("d_model", "n_layers", "n_heads", "mlp_ratio", "pattern")
+        try:
+            LMConfig(**{k: getattr(self, k) for k in sizes}, mlp=self.mlp, mlp_options=self.mlp_options)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{self.label}: {error}") from None
 
     def replace(self, **changes) -> RunSpec:
         return dataclasses.replace(self, **changes)

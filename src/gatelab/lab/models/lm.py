@@ -1,5 +1,5 @@
 """One decoder LM for any layer pattern: token embedding, pre-norm blocks (RMSNorm) with a mixer per
-layer and a SwiGLU MLP, tied output head (Language Models are Unsupervised Multitask Learners,
+layer and a SwiGLU MLP (or an MoE of SwiGLU experts, gatelab.gates.moe), tied output head (Language Models are Unsupervised Multitask Learners,
 Radford et al., 2019, for the init; GLU Variants Improve Transformer, Shazeer, 2020, for the MLP)."""
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def parse_pattern(pattern: str, n_layers: int) -> list[str]:
                 f"pattern {pattern!r}: repeat count after '*' must be a positive int, got {count!r}"
             )
         spec = get(key)  # raises, listing the known keys, if unknown
+        if spec.family == "gate":
+            raise ValueError(f"pattern {pattern!r}: {key!r} is a gate, not a sequence mixer (an MoE router goes "
+                             f"in the MLP slot: mlp='moe:{key}')")  # fmt: skip
         if not spec.causal:
             raise ValueError(
                 f"pattern {pattern!r}: mechanism {key!r} is not causal and cannot be used in a decoder"
@@ -68,6 +71,11 @@ class LMConfig:
     # a KV-cache eviction gate that trains with the LM from scratch (its eviction-rate loss is added by the
     # trainer); None: no gates
     attention_gate: dict | None = None
+    # the MLP of every block: "swiglu" (dense) or "moe:<router>" (gatelab.gates.moe: E small SwiGLU experts
+    # behind a registered router); mlp_options of an MoE: n_experts (4), expert_hidden (default: the dense
+    # MLP's hidden / 2, so two experts cost one dense MLP), path ("sparse" | "dense"), the rest the router's
+    mlp: str = "swiglu"
+    mlp_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -93,6 +101,43 @@ class LMConfig:
             raise TypeError(
                 f"attention_gate must be a dict of gate options or None, got {self.attention_gate!r}"
             )
+        self.moe_router()  # validates mlp and mlp_options
+
+    def moe_router(self) -> str | None:
+        """The router key of an ``"moe:<router>"`` MLP, None for ``"swiglu"``; checks mlp and its options."""
+        if not isinstance(self.mlp_options, dict):
+            raise TypeError(f"mlp_options must be a dict, got {self.mlp_options!r}")
+        if self.mlp == "swiglu":
+            if self.mlp_options:
+                raise ValueError(f"mlp_options {self.mlp_options} apply to an MoE MLP; mlp is 'swiglu'")
+            return None
+        from gatelab.gates.moe import router_keys
+
+        prefix, colon, router = self.mlp.partition(":") if isinstance(self.mlp, str) else ("", "", "")
+        if prefix != "moe" or not colon or router not in router_keys():
+            raise ValueError(
+                f"mlp must be 'swiglu' or 'moe:<router>' with a router among {', '.join(router_keys())}; "
+                f"got {self.mlp!r}"
+            )
+        from gatelab.gates.moe.mlp import check_sizes
+
+        moe, router_options = self.moe_options()
+        check_sizes(**moe)
+        config_cls = get(router).config_cls
+        try:
+            config_cls(d_model=self.d_model, n_experts=moe["n_experts"], **router_options)
+        except TypeError as error:
+            names = sorted({f.name for f in dataclasses.fields(config_cls)} - {"d_model"})
+            valid = ", ".join(["expert_hidden", "path", *names])
+            raise TypeError(f"mlp_options of {self.mlp}: {error}; valid options: {valid}") from None
+        return router
+
+    def moe_options(self) -> tuple[dict, dict]:
+        """(MoEMLP options, router options) of an MoE MLP, defaults filled in."""
+        moe_names = ("n_experts", "expert_hidden", "path")
+        moe = {"n_experts": 4, "expert_hidden": max(8, -(-self.mlp_hidden // 16) * 8), "path": "sparse"}
+        moe.update({k: v for k, v in self.mlp_options.items() if k in moe_names})
+        return moe, {k: v for k, v in self.mlp_options.items() if k not in moe_names}
 
     def layer_keys(self) -> list[str]:
         return parse_pattern(self.pattern, self.n_layers)
@@ -134,7 +179,14 @@ class Block(nn.Module):
         self.mixer_norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.mixer = make_mixer(key, d_model=config.d_model, n_heads=config.n_heads, **options)
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=1e-6)
-        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        router = config.moe_router()
+        if router is None:
+            self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        else:
+            from gatelab.gates.moe import MoEMLP
+
+            moe, router_options = config.moe_options()
+            self.mlp = MoEMLP(config.d_model, router=router, router_options=router_options, **moe)
 
     def forward(self, x, state, return_internals: bool):
         out = self.mixer(self.mixer_norm(x), state, return_internals=return_internals)
@@ -189,8 +241,11 @@ class LM(nn.Module):
         if not self.config.tie_embeddings:
             nn.init.normal_(self.head.weight, std=INIT_STD)
         for block in self.blocks:
-            nn.init.normal_(block.mlp.gate_up.weight, std=INIT_STD)
-            nn.init.normal_(block.mlp.down.weight, std=INIT_STD / math.sqrt(2 * L))
+            if isinstance(block.mlp, SwiGLU):
+                nn.init.normal_(block.mlp.gate_up.weight, std=INIT_STD)
+                nn.init.normal_(block.mlp.down.weight, std=INIT_STD / math.sqrt(2 * L))
+            else:  # an MoE MLP: its experts as the MLP, its router keeps its own init
+                block.mlp.reset_parameters(std=INIT_STD, n_layers=L)
             if hasattr(block.mixer, "reset_parameters"):
                 block.mixer.reset_parameters(std=INIT_STD, n_layers=L)
 

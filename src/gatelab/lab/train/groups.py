@@ -75,12 +75,20 @@ def optimizer_groups(model: nn.Module, config: TrainConfig, groups: list[dict] |
 
 def default_terms(model: nn.Module) -> tuple[dict, dict]:
     """(extra losses, monitors) a model brings: with attention gates (KV-cache eviction) their
-    eviction-rate loss ("eviction") and the kept fraction of the last forward ("kept"); none otherwise."""
+    eviction-rate loss ("eviction") and the kept fraction of the last forward ("kept"); with MoE MLPs their
+    auxiliary losses ("moe_aux": load balance and the routers' own) and the last forward's expert load
+    (max / mean) and active-expert fraction; none otherwise."""
     from gatelab.cache import AttentionGatePolicy, eviction_loss, kept_fraction
+    from gatelab.gates.moe import moe_aux_loss, moe_layers, moe_stats
 
+    losses, monitors = {}, {}
     if any(isinstance(m, AttentionGatePolicy) for m in model.modules()):
-        return {"eviction": eviction_loss}, {"kept": kept_fraction}
-    return {}, {}
+        losses["eviction"], monitors["kept"] = eviction_loss, kept_fraction
+    if moe_layers(model):
+        losses["moe_aux"] = moe_aux_loss
+        monitors["expert_load"] = lambda m: moe_stats(m).get("load_max_over_mean")
+        monitors["active_experts"] = lambda m: moe_stats(m).get("active_fraction")
+    return losses, monitors
 
 
 def check_terms(terms: dict, what: str) -> dict[str, Callable]:
