@@ -204,3 +204,24 @@ def test_compare_on_digits(tmp_path):
     assert "| mixer | eval loss | accuracy | Dice | images/s | params | wall s |" in report
     with pytest.raises(ValueError, match="'softmax' does not run on digits"):
         gatelab.lab.compare("vision", tasks=["digits"], mixers="softmax", out=tmp_path)
+
+
+def test_trainer_step_without_a_hook_is_the_plain_adamw_step():
+    """The step the trainer took before pre_step existed, written out: CE backward, clip, one AdamW step."""
+    from gatelab.lab.train import lr_at, param_groups
+
+    task = make_task("digits")
+    config = TrainConfig(steps=1, batch_size=8, lr=1e-2, warmup=0, eval_batches=0, seed=3)
+    model, manual = model_for("grid_attention_gate"), model_for("grid_attention_gate")
+    manual.load_state_dict(model.state_dict())
+    train(model, task, config)
+    x, y = task.get_batch("train", 8, torch.Generator().manual_seed(3))
+    loss = torch.nn.functional.cross_entropy(manual(x)[0].flatten(0, 1), y.flatten(), reduction="sum") / 8
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(manual.parameters(), config.grad_clip)
+    optimizer = torch.optim.AdamW(
+        param_groups(manual, config.weight_decay), lr=lr_at(0, config), betas=(0.9, 0.95)
+    )
+    optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), manual.parameters()):
+        assert torch.equal(p, q), name
