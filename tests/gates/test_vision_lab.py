@@ -181,6 +181,8 @@ def test_run_spec_builds_vision_runs_and_checks_their_blocks():
     assert build(spec)[1].config.block_options == VISION_MIXER_OPTIONS["biformer"]
     with pytest.raises(ValueError, match="digits: 'gated_abmil' does not drop"):
         RunSpec(task="digits_seg", pattern="gated_abmil", name="digits")
+    with pytest.raises(ValueError, match="attention_gate .* is for the LM, not digits"):
+        RunSpec(task="digits", pattern="cnn", attention_gate={"target_keep": 0.5})
     with pytest.raises(TypeError, match="neighborhood options"):
         RunSpec(task="digits", pattern="neighborhood", mixer_options={"neighborhood": {"kernel": 3}})
 
@@ -202,6 +204,10 @@ def test_compare_on_digits(tmp_path):
     assert all("dice" in r["final"] for r in runs if r["task"] == "digits_seg")
     report = (tmp_path / "v" / "report.md").read_text()
     assert "| mixer | eval loss | accuracy | Dice | images/s | params | wall s |" in report
+    from gatelab.lab.comparison import plan
+
+    with pytest.raises(ValueError, match=r"--kv-cache decodes LMs; drop the vision tasks \['digits'\]"):
+        plan(PRESETS["vision"], {}, ["digits"], [0], "cpu", kv_cache=object())
     with pytest.raises(ValueError, match="'softmax' does not run on digits"):
         gatelab.lab.compare("vision", tasks=["digits"], mixers="softmax", out=tmp_path)
 

@@ -186,6 +186,12 @@ def plan(preset: Preset, mixers: dict[str, list[Variant]], tasks: list[str], see
 
     if corpus is not None and "text" not in tasks:
         raise ValueError(f"--corpus applies to the text task, which this comparison does not run ({tasks})")
+    from gatelab.lab.tasks import VISION_TASKS
+
+    if kv_cache is not None and set(tasks) & set(VISION_TASKS):
+        raise ValueError(
+            f"--kv-cache decodes LMs; drop the vision tasks {sorted(set(tasks) & set(VISION_TASKS))}"
+        )
     built, options = {}, {}
     for name in tasks:
         options[name] = dict(preset.task_options.get(name, {}))

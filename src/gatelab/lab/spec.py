@@ -192,6 +192,10 @@ class RunSpec:
         if self.vision:
             from gatelab.lab.tasks import _tasks
 
+            if self.attention_gate is not None:
+                raise ValueError(
+                    f"{self.label}: attention_gate (KV-cache eviction) is for the LM, not {self.task}"
+                )
             segment = _tasks()[self.task].segment  # a class attribute: no data is loaded here
             self.vision_config(segment=segment, n_classes=2, image_size=8)  # the block and its options
             self.train_config()
