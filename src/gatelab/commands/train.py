@@ -16,7 +16,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pattern", default="softmax", help="mixer per layer, e.g. 'softmax', 'gated_deltanet*3,softmax'"
     )
-    p.add_argument("--task", default="mqar", help="mqar | text | idle")
+    p.add_argument(
+        "--task", default="mqar", help="mqar | text | idle | digits | digits_seg (pattern: the vision block)"
+    )
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)

@@ -25,14 +25,21 @@ PREFERRED = ("softmax", "gated_softmax", "clipped_softmax")  # first in every de
 RUN_FILES = ("results.json", "models")  # what an earlier comparison left in its folder
 
 
-def select_mixers(requested: str | list | None, preset: Preset) -> tuple[list[Variant], dict[str, str]]:
+def select_mixers(
+    requested: str | list | None, preset: Preset, task: str | None = None
+) -> tuple[list[Variant], dict[str, str]]:
     """The variants to compare and the preset's mixers left out (key -> why).
 
     ``requested``: ``--mixers`` text ("softmax,gated_softmax[gate=headwise]"), a list of keys, variant texts
     or Variants; every key must be a registered causal mechanism (else a ValueError naming the known ones).
     None: the preset's list, or softmax, gated_softmax, clipped_softmax, then every other causal mechanism
-    in the registry at run time, sorted by key."""
+    in the registry at run time, sorted by key. On a vision ``task`` (digits, digits_seg) the keys are the
+    vision backbone's blocks instead (see :func:`select_vision_blocks`)."""
+    from gatelab.lab.tasks import VISION_TASKS
     from gatelab.registry import list_mechanisms
+
+    if task in VISION_TASKS:
+        return select_vision_blocks(requested, preset, task)
 
     causal = {s.key for s in list_mechanisms(causal=True)}
     known = {s.key for s in list_mechanisms()}
@@ -57,6 +64,25 @@ def select_mixers(requested: str | list | None, preset: Preset) -> tuple[list[Va
         {text: "not causal" for text in wanted if keys[text] in known and keys[text] not in causal}
     )
     return chosen, skipped
+
+
+def select_vision_blocks(requested, preset: Preset, task: str) -> tuple[list[Variant], dict[str, str]]:
+    """The blocks of the vision backbone to compare on ``task``: "cnn" (no gate), each vision gate, each
+    registered (B, H, W, C) mixer (lab.models.vision.vision_blocks); None: the preset's list, or all."""
+    from gatelab.lab.models.vision import vision_blocks
+    from gatelab.lab.tasks import _tasks
+
+    known = vision_blocks(_tasks()[task].segment)
+    if requested is not None:
+        variants = parse_variants(requested)
+        for variant in variants:
+            if variant.key not in known:
+                raise ValueError(f"{variant.key!r} does not run on {task}; its blocks: {', '.join(known)}")
+        return variants, {}
+    wanted = list(preset.mixers) if preset.mixers else known
+    keys = {text: text.partition("[")[0].strip() for text in wanted}
+    skipped = {text: f"not a block of the {task} backbone" for text in wanted if keys[text] not in known}
+    return parse_variants([text for text in wanted if keys[text] in known]), skipped
 
 
 def select_tasks(requested: list[str] | None, preset: Preset) -> list[str]:
@@ -110,14 +136,17 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
     from gatelab.lab.diagnostics import diagnose
     from gatelab.lab.spec import folder_name
     from gatelab.lab.train import train
+    from gatelab.lab.train.routing import routing_options
 
     entry = {"mixer": spec.label, "task": spec.task, "seed": spec.seed, "status": "ok"}
     model_dir = run_dir / "models" / f"{folder_name(spec.label)}__{spec.task}__seed{spec.seed}"
     t0 = time.perf_counter()
     _, model, train_config = build(spec, task, model_dir, overwrite=overwrite, progress=progress)
     model = model.to(spec.device)
-    result = train(model, task, train_config)
+    result = train(model, task, train_config, **routing_options(model, train_config))
     batches = task.eval_batches(spec.diag_batches, spec.diag_batch_size, seed=spec.seed)
+    if spec.vision:  # the diagnostics read an LM's residual stream and attention; a CNN has neither
+        entry["images_per_s"] = result.tokens_per_s / task.image_size**2  # tokens/s counts input pixels
     entry.update(
         final=result.final,
         history=result.history,
@@ -126,8 +155,8 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
         peak_memory_bytes=result.peak_memory_bytes,
         peak_memory_kind=result.peak_memory_kind,
         params=model.num_parameters(),
-        diagnostics=diagnose(model, batches),
-        moe=moe_summary(model, batches),
+        diagnostics={} if spec.vision else diagnose(model, batches),
+        moe=None if spec.vision else moe_summary(model, batches),
         task_info=task.describe(),
         model_dir=str(model_dir.relative_to(run_dir)),
     )
@@ -182,6 +211,12 @@ def plan(preset: Preset, mixers: dict[str, list[Variant]], tasks: list[str], see
 
     if corpus is not None and "text" not in tasks:
         raise ValueError(f"--corpus applies to the text task, which this comparison does not run ({tasks})")
+    from gatelab.lab.tasks import VISION_TASKS
+
+    if kv_cache is not None and set(tasks) & set(VISION_TASKS):
+        raise ValueError(
+            f"--kv-cache decodes LMs; drop the vision tasks {sorted(set(tasks) & set(VISION_TASKS))}"
+        )
     built, options = {}, {}
     for name in tasks:
         options[name] = dict(preset.task_options.get(name, {}))
@@ -277,6 +312,7 @@ def run_compare(
                 entry = run_one(spec, built[spec.task], run_dir, progress, kv_cache, overwrite)
                 final = entry["final"]
                 acc = f", accuracy {final['accuracy']:.3f}" if "accuracy" in final else ""
+                acc += f", Dice {final['dice']:.3f}" if "dice" in final else ""
                 console.print(
                     f"{what}: loss {final.get('loss', float('nan')):.3f}{acc}, "
                     f"{entry['tokens_per_s']:,.0f} tokens/s, {entry['wall_s']:.1f} s" + _kv_summary(entry)
@@ -366,7 +402,7 @@ def compare(
     tasks = select_tasks(tasks, preset)
     chosen, skipped = {}, {}
     for task in tasks:  # --mixers applies to every task; else each task's preset list
-        chosen[task], task_skipped = select_mixers(mixers, preset.for_task(task))
+        chosen[task], task_skipped = select_mixers(mixers, preset.for_task(task), task)
         skipped.update(task_skipped)
         if mlp is not None:
             mlps = split_list(mlp, "--mlp") if isinstance(mlp, str) else list(mlp)

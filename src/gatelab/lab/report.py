@@ -31,6 +31,24 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("wall_s", "wall s", ".1f"),
 )
 
+# the vision tasks' table: the LM diagnostics do not apply to a CNN; Dice on digits_seg
+VISION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("loss", "eval loss", ".3f"),
+    ("accuracy", "accuracy", ".3f"),
+    ("dice", "Dice", ".3f"),
+    ("images_per_s", "images/s", ".0f"),
+    ("params", "params", ",.0f"),
+    ("wall_s", "wall s", ".1f"),
+)
+
+
+def columns(task: str) -> tuple[tuple[str, str, str], ...]:
+    """The columns of ``task``'s table."""
+    from gatelab.lab.tasks import VISION_TASKS
+
+    return VISION_COLUMNS if task in VISION_TASKS else COLUMNS
+
+
 COLUMN_NOTES = (
     "eval loss / accuracy: final evaluation (accuracy at labelled positions, mqar and idle); "
     "sink share: the largest layer's mean share of attention on the first token (uniform attention would "
@@ -45,7 +63,9 @@ COLUMN_NOTES = (
     "linear mixer read its equivalent T x T matrix as shares of absolute weight; '-': the mixer has no such "
     "internals; expert load / active experts / MoE aux (runs with an MoE MLP only): the busiest expert's "
     "assignments over the mean, the mean fraction of experts a token uses, and the router's auxiliary loss "
-    "(load balance and its own), averaged over MoE layers and the diagnostics batches."
+    "(load balance and its own), averaged over MoE layers and the diagnostics batches. Vision tasks (digits, "
+    "digits_seg): accuracy per held-out image or pixel, Dice averaged over the ten digit classes, images/s of "
+    "training; the block (gate or mixer) is named in the mixer column."
 )
 MOE_COLUMNS = ("expert_load", "active_experts", "moe_aux")  # shown only where some run has an MoE MLP
 
@@ -57,7 +77,9 @@ def run_metrics(run: dict) -> dict[str, float | None]:
     out = {
         "loss": finite(final.get("loss")),
         "accuracy": finite(final.get("accuracy")),
+        "dice": finite(final.get("dice")),
         "tokens_per_s": finite(run.get("tokens_per_s")),
+        "images_per_s": finite(run.get("images_per_s")),
         "params": finite(run.get("params")),
         "wall_s": finite(run.get("wall_s")),
     }
@@ -83,7 +105,7 @@ def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
             grouped.setdefault(run["task"], {}).setdefault(run["mixer"], []).append(run_metrics(run))
     return {
         task: {
-            mixer: {key: mean_std([m[key] for m in metrics]) for key, _, _ in COLUMNS}
+            mixer: {key: mean_std([m[key] for m in metrics]) for key, _, _ in columns(task)}
             for mixer, metrics in by_mixer.items()
         }
         for task, by_mixer in grouped.items()
@@ -94,17 +116,17 @@ def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per mixer, in the comparison's order) of the table of one task."""
     agg = results["aggregate"].get(task, {})
     moe = any(r.get("moe") for r in results["runs"] if r["task"] == task)
-    columns = [c for c in COLUMNS if moe or c[0] not in MOE_COLUMNS]
-    header = ["mixer"] + [h for _, h, _ in columns]
+    table = [c for c in columns(task) if moe or c[0] not in MOE_COLUMNS]
+    header = ["mixer"] + [h for _, h, _ in table]
     rows = []
     for mixer in results["config"]["mixers"]:
         failed = [
             r for r in results["runs"] if r["task"] == task and r["mixer"] == mixer and r["status"] != "ok"
         ]
         if mixer in agg:
-            rows.append([mixer] + [format_cell(agg[mixer].get(k), f) for k, _, f in columns])
+            rows.append([mixer] + [format_cell(agg[mixer].get(k), f) for k, _, f in table])
         elif failed:
-            rows.append([mixer, f"failed: {failed[0].get('error', '')[:60]}"] + [""] * (len(columns) - 1))
+            rows.append([mixer, f"failed: {failed[0].get('error', '')[:60]}"] + [""] * (len(table) - 1))
     return header, rows
 
 
@@ -119,7 +141,7 @@ def task_heading(results: dict, task: str) -> str:
     parts = [
         f"{k}={v}"
         for k, v in info.items()
-        if k in ("vocab_size", "seq_len", "num_kv_pairs", "n_pairs", "n_queries")
+        if k in ("vocab_size", "seq_len", "num_kv_pairs", "n_pairs", "n_queries", "image_size", "n_val")
     ]
     if "sha256" in info or "hash" in info:
         parts.append(f"corpus {str(info.get('sha256', info.get('hash')))[:12]}")

@@ -218,6 +218,17 @@ class RunSpec:
             raise TypeError(
                 f"mixer_options must map a mechanism key or '*' to a dict, got {self.mixer_options!r}"
             )
+        if self.vision:
+            from gatelab.lab.tasks import _tasks
+
+            if self.attention_gate is not None:
+                raise ValueError(
+                    f"{self.label}: attention_gate (KV-cache eviction) is for the LM, not {self.task}"
+                )
+            segment = _tasks()[self.task].segment  # a class attribute: no data is loaded here
+            self.vision_config(segment=segment, n_classes=2, image_size=8)  # the block and its options
+            self.train_config()
+            return
         keys = list(dict.fromkeys(parse_pattern(self.pattern, self.n_layers)))
         outside = sorted(set(self.mixer_options) - {"*", *keys})
         for key in outside:
@@ -231,6 +242,44 @@ class RunSpec:
             check_mixer_options(key, self, self.label)
         self.check_mlp()
         self.train_config()  # the training fields' own checks
+
+    @property
+    def vision(self) -> bool:
+        """A vision task: the model is lab.models.vision's backbone with ``pattern`` as its block."""
+        from gatelab.lab.tasks import VISION_TASKS
+
+        return self.task in VISION_TASKS
+
+    def vision_config(self, task=None, *, segment=None, n_classes=None, image_size=None):
+        """The VisionConfig of this run on ``task`` (its classes, image size and kind): ``pattern`` is the
+        block ("cnn", a vision gate or a (B, H, W, C) mixer) and ``mixer_options`` its options; a
+        feature_selection_gate takes ``routing_lr`` (Gradient Routing's gate lr, null: no routing)."""
+        from gatelab.lab.models.vision import GATE_LR, VisionConfig
+
+        outside = sorted(set(self.mixer_options) - {"*", self.pattern})
+        if outside:
+            raise ValueError(f"{self.label}: mixer options for {outside}, not the block {self.pattern!r}")
+        options = {**self.mixer_options.get("*", {}), **self.mixer_options.get(self.pattern, {})}
+        routing_lr = options.pop("routing_lr", GATE_LR) if self.pattern == "feature_selection_gate" else None
+        try:
+            config = VisionConfig(
+                n_classes=task.vocab_size if task is not None else n_classes,
+                image_size=task.image_size if task is not None else image_size,
+                segment=task.segment if task is not None else segment,
+                block=self.pattern,
+                block_options=options,
+                d_model=self.d_model,
+                n_layers=self.n_layers,
+                n_heads=self.n_heads,
+                mlp_ratio=self.mlp_ratio,
+                routing_lr=routing_lr,
+                seed=self.seed,
+            )
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{self.label}: {error}") from None
+        if config.kind == "mixer":
+            check_mixer_options(self.pattern, self, self.label)
+        return config
 
     @property
     def label(self) -> str:
@@ -359,9 +408,13 @@ def build(spec: RunSpec, task=None, out_dir=None, *, resume=False, overwrite=Fal
     from gatelab.lab.models.lm import LM
 
     task = make_task(spec) if task is None else task
-    config = spec.lm_config(task)
+    config = spec.vision_config(task) if spec.vision else spec.lm_config(task)
     check_memory(spec, task, spec.device)
     train_config = spec.train_config(out_dir, resume=resume, overwrite=overwrite, progress=progress)
+    if spec.vision:
+        from gatelab.lab.models.vision import VisionModel
+
+        return task, VisionModel(config), train_config
     return task, LM(config), train_config
 
 
@@ -371,13 +424,14 @@ def train_run(spec: RunSpec, out_dir=None, *, resume=False, overwrite=False, pro
     replace an earlier run). ``log(text)`` receives a line about the model before training and a summary
     after it (rank 0 under torchrun). Returns (model, TrainResult)."""
     from gatelab.lab.train import train
+    from gatelab.lab.train.routing import routing_options
 
     task, model, config = build(spec, out_dir=out_dir, resume=resume, overwrite=overwrite, progress=progress)
     log = log if log is not None and int(os.environ.get("RANK", 0)) == 0 else None
     if log:
         layers = ", ".join(model.layer_keys)
         log(f"model: {model.num_parameters():,} parameters ({layers}); task: {json.dumps(task.describe())}")
-    result = train(model, task, config)
+    result = train(model, task, config, **routing_options(model, config))
     if log:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
         saved = f"\nsaved model + metrics.jsonl + train_summary.json in {Path(out_dir)}" if out_dir else ""

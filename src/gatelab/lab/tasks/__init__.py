@@ -1,4 +1,5 @@
-"""Tasks for the lab: ``make_task(name, **options)`` -> a :class:`Task` ("mqar", "text", "idle")."""
+"""Tasks for the lab: ``make_task(name, **options)`` -> a :class:`Task` ("mqar", "text", "idle", and the
+vision tasks "digits", "digits_seg", whose inputs are images (B, 1, S, S) for the vision backbone)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,22 @@ from ._base import IGNORE, Task
 
 
 def _tasks() -> dict[str, type[Task]]:
+    from .digits import DigitsSegmentationTask, DigitsTask
     from .idle import IdleTask
     from .mqar import MQARTask
     from .text import TextTask
 
-    return {"mqar": MQARTask, "text": TextTask, "idle": IdleTask}
+    return {
+        "mqar": MQARTask,
+        "text": TextTask,
+        "idle": IdleTask,
+        "digits": DigitsTask,
+        "digits_seg": DigitsSegmentationTask,
+    }
 
 
-TASK_NAMES = ("mqar", "text", "idle")
+VISION_TASKS = ("digits", "digits_seg")  # image inputs: trained with lab.models.vision, not the LM
+TASK_NAMES = ("mqar", "text", "idle", *VISION_TASKS)
 
 
 def make_task(name: str, **options) -> Task:
@@ -30,4 +39,4 @@ def make_task(name: str, **options) -> Task:
         raise TypeError(f"task {name!r}: {error}; valid options: {', '.join(valid)}") from None
 
 
-__all__ = ["make_task", "Task", "IGNORE", "TASK_NAMES"]
+__all__ = ["make_task", "Task", "IGNORE", "TASK_NAMES", "VISION_TASKS"]

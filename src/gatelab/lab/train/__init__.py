@@ -4,7 +4,8 @@ exact resume of the same run only; one process or DDP under torchrun (gloo on CP
 (Decoupled Weight Decay Regularization, Loshchilov et al., 2019).
 
 config.py: TrainConfig, the schedule and the run's spec; groups.py: parameter groups and extra terms;
-runtime.py: DDP ranks and the memory check; checkpoint.py: the run folder's files; loop.py: train().
+runtime.py: DDP ranks and the memory check; checkpoint.py: the run folder's files; loop.py: train();
+routing.py: Gradient Routing's gate pass for Feature-Selection Gates (train's pre_step).
 """
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_metrics, save_checkpoint

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def train(
     groups: list[dict] | None = None,
     extra_losses: dict | None = None,
     monitors: dict | None = None,
+    pre_step: Callable | None = None,
 ) -> TrainResult:
     """Train ``model`` (an LM) on ``task``; returns the history and final eval metrics.
 
@@ -40,6 +42,9 @@ def train(
     name -> callable(model) returning a scalar added to the loss after each forward, logged under its name
     in the train rows; ``monitors``: name -> callable(model) returning a number logged there. Left None, a
     model with attention gates brings its eviction-rate loss ("eviction") and kept fraction ("kept").
+    ``pre_step``: callable(loss_fn) run before each optimizer step with a function that returns this
+    batch's task loss (a fresh forward, scaled as the step's): a pass of its own, e.g. Gradient Routing's
+    gate pass (:class:`gatelab.lab.train.routing.GradientRouting`); its state is not checkpointed.
 
     Under torchrun every rank draws the same global batch and trains on its slice; the loss of each slice
     is normalised by the global count of labelled tokens, so the summed gradients equal those of one
@@ -50,6 +55,12 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if pre_step is not None and not callable(pre_step):
+        raise TypeError(
+            f"pre_step must be a callable taking the loss function, got {type(pre_step).__name__}"
+        )
+    if pre_step is not None and config.resume:
+        raise ValueError("resume is not supported with a pre_step (its optimizer state is not checkpointed)")
     default_losses, default_monitors = default_terms(model)
     extra_losses = check_terms(default_losses if extra_losses is None else extra_losses, "extra_losses")
     monitors = check_terms(default_monitors if monitors is None else monitors, "monitors")
@@ -67,12 +78,12 @@ def train(
             ranks.barrier()  # every rank has looked at the folder before rank 0 changes it
             if config.overwrite and not config.resume and ranks.rank == 0:
                 remove_earlier_run(out_dir)
-        result = _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, stack)
+        result = _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, stack, pre_step)
     ranks.close()
     return result
 
 
-def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, stack) -> TrainResult:
+def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, stack, pre_step) -> TrainResult:
     device = torch.device(config.device)
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
@@ -137,7 +148,17 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
         inputs = inputs[ranks.rank * local : (ranks.rank + 1) * local].to(device)
         targets = targets[ranks.rank * local : (ranks.rank + 1) * local].to(device)
         loss, terms = _step(
-            forward, model, optimizer, inputs, targets, n_labels, config, ranks, autocast, extra_losses
+            forward,
+            model,
+            optimizer,
+            inputs,
+            targets,
+            n_labels,
+            config,
+            ranks,
+            autocast,
+            extra_losses,
+            pre_step,
         )
         dt = time.perf_counter() - t0
         train_time += dt
@@ -202,17 +223,27 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
     return result
 
 
-def _step(forward, model, optimizer, inputs, targets, n_labels, config, ranks, autocast, extra_losses):
+def _step(
+    forward, model, optimizer, inputs, targets, n_labels, config, ranks, autocast, extra_losses, pre_step=None
+):
     """One optimizer step on this rank's slice (inputs, targets (B / world, T)) of the global batch, whose
-    labelled tokens number ``n_labels``; returns the global mean cross-entropy and the extra terms."""
-    with autocast:
-        logits = forward(inputs)[0]
-    loss_sum = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+    labelled tokens number ``n_labels``; returns the global mean cross-entropy and the extra terms.
+    ``pre_step(loss_fn)`` first runs a pass of its own (Gradient Routing's gate pass)."""
+
+    def loss_sum_of_batch() -> torch.Tensor:
+        with autocast:
+            logits = forward(inputs)[0]
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+
     # DDP averages gradients over ranks: scale so the average is the gradient of the global mean.
     # Extra terms (an attention gate's eviction-rate loss) are means per rank, averaged the same way.
-    total = loss_sum * (ranks.world / max(n_labels, 1))
+    scale = ranks.world / max(n_labels, 1)
+    if pre_step is not None:
+        pre_step(lambda: loss_sum_of_batch() * scale)
+    loss_sum = loss_sum_of_batch()
+    total = loss_sum * scale
     terms = {name: term_value(name, fn(model)) for name, fn in extra_losses.items()}
     for value in terms.values():
         total = total + value
