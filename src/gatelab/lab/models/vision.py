@@ -205,9 +205,10 @@ class MixerNet(nn.Module):
         hidden = max(1, round(c.mlp_ratio * d))
         self.norms1 = nn.ModuleList(nn.LayerNorm(d) for _ in range(c.n_layers))
         self.norms2 = nn.ModuleList(nn.LayerNorm(d) for _ in range(c.n_layers))
-        self.mixers = nn.ModuleList(
-            make_mixer(c.block, d_model=d, n_heads=c.n_heads, **c.block_options) for _ in range(c.n_layers)
-        )
+        options = {"d_model": d, "n_heads": c.n_heads, **c.block_options}
+        if "map_size" in {f.name for f in dataclasses.fields(get(c.block).config_cls)}:
+            options.setdefault("map_size", (S, S))  # a mixer fixed to its map (NiNformer's token MLP)
+        self.mixers = nn.ModuleList(make_mixer(c.block, **options) for _ in range(c.n_layers))
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)) for _ in range(c.n_layers)
         )
