@@ -153,9 +153,12 @@ def _inspect_hf(args: argparse.Namespace, console) -> int:
     if args.task is not None or args.corpus is not None or args.models != "*":
         raise ValueError("--task, --corpus and --models apply to gatelab runs, not to --hf")
     if args.out is not None:
-        from gatelab.lab.rundir import check_writable
+        from gatelab.lab.inspect import OUTPUTS
+        from gatelab.lab.rundir import check_writable, refuse_existing
 
-        check_writable(args.out, "--out")  # before minutes of work, not after
+        refuse_existing(
+            check_writable(args.out, "--out"), OUTPUTS, overwrite=args.overwrite
+        )  # before the work
     n = args.batches * args.batch_size
     if args.text is None:
         text, source = default_text(needed_chars(n, args.seq_len))

@@ -315,21 +315,7 @@ def diagnose_hf(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, 
             hooks.reset()
             out = model(input_ids=ids.to(device), output_attentions=True)
             blocks = hooks.block_outputs(len(layers))
-            attentions = list(getattr(out, "attentions", None) or [None] * len(layers))
-            mixers = []
-            for j in range(len(layers)):
-                internals = dict(hooks.mixers.get(j) or {})
-                if attentions[j] is not None:
-                    internals["attn"] = attentions[j]
-                if not isinstance(internals.get("attn"), torch.Tensor):
-                    raise ValueError(
-                        f"unsupported architecture {type(model).__name__}: layer {j} returns no attention "
-                        "probabilities with attn_implementation='eager' and output_attentions=True"
-                    )
-                if "layer" not in hooks.outputs.get(j, {}):
-                    raise ValueError(f"unsupported architecture {type(model).__name__}: layer {j}'s output "
-                                     "is not a (B, T, hidden_size) tensor")  # fmt: skip
-                mixers.append(internals)
+            mixers = _layer_internals(model, out, hooks, len(layers))
             hidden = [hooks.h0] + [hooks.outputs[j]["layer"] for j in range(len(layers))]
             collector.add(hidden, blocks, mixers)
             last_fp32.append(hidden[-1].float().cpu())
@@ -368,6 +354,32 @@ def diagnose_hf(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, 
     }
     result["summary"] = summarize_hf(result)
     return result
+
+
+def _layer_internals(model: nn.Module, out, hooks: _Hooks, n_layers: int) -> list[dict]:
+    """Per layer, {"attn": (B, H, T, S), optionally "gate"}: a gatelab mixer's own internals where the
+    layer holds one, else the model's attention probabilities, which transformers records in layer
+    order for its own attention modules only (a layer whose attention was replaced records none)."""
+    attentions = [a for a in (getattr(out, "attentions", None) or ()) if a is not None]
+    own = [j for j in range(n_layers) if "attn" not in (hooks.mixers.get(j) or {})]
+    if len(attentions) not in (len(own), n_layers):
+        raise ValueError(
+            f"unsupported architecture {type(model).__name__}: it returned {len(attentions)} attention "
+            f"matrices for {len(own)} layers with attn_implementation='eager' and output_attentions=True"
+        )
+    by_layer = dict(zip(own if len(attentions) == len(own) else range(n_layers), attentions))
+    mixers = []
+    for j in range(n_layers):
+        internals = dict(hooks.mixers.get(j) or {})
+        if "attn" not in internals:
+            internals["attn"] = by_layer[j]
+        if "layer" not in hooks.outputs.get(j, {}):
+            raise ValueError(
+                f"unsupported architecture {type(model).__name__}: layer {j}'s output is not a "
+                "(B, T, hidden_size) tensor"
+            )
+        mixers.append(internals)
+    return mixers
 
 
 def _add_special_shares(special_sum, uniform_sum, mixers, ids, causal: bool) -> None:
