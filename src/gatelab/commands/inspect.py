@@ -168,7 +168,10 @@ def _inspect_hf(args: argparse.Namespace, console) -> int:
             raise ValueError(f"--text {args.text!r}: no such file")
         text, source = path.read_text(encoding="utf-8", errors="replace"), str(path.resolve())
     start = time.perf_counter()
-    checkpoint = load_checkpoint(args.hf, device=args.device)
+    try:
+        checkpoint = load_checkpoint(args.hf, device=args.device)
+    except ImportError as error:  # transformers missing: the CLI's one-line error, not a traceback
+        raise ValueError(str(error)) from None
     limit = getattr(checkpoint.model.config, "max_position_embeddings", None)
     if limit is not None and args.seq_len > limit:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {limit} positions")
