@@ -110,6 +110,10 @@ def test_bert_diagnostics_match_the_models_own_outputs(bert):
     assert top["value"] == pytest.approx(float(h.max()), rel=1e-6) and top["dim"] == int(
         h.amax(dim=(0, 1)).argmax()
     )
+    # the largest output of a module, with its channel: BERT's output LayerNorm returns h_2
+    assert result["module_top_dims"][1]["output.LayerNorm"][0] == result["top_dims"][2][0]
+    tops = [rows[0]["value"] for layer in result["module_top_dims"] for rows in layer.values()]
+    assert result["summary"]["top_module_activation"]["value"] == max(tops)
     # Quantizable Transformers' modules: the residual-writing projections and the norms, no duplicate of
     # the layer output (the output LayerNorm's tensor is the layer's output)
     modules = result["modules"][1]

@@ -29,7 +29,8 @@ def print_diagnostics(name: str, result: dict, console) -> None:
     table = Table(title=f"{name}: sink baseline (uniform) {uniform}{loss}")
     header, rows = diagnostic_table(result)
     for column in header:
-        table.add_column(column, justify="left" if column in ("layer", "mixer", "sink per head") else "right")
+        left = column in ("layer", "mixer", "sink per head", "top dims")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column == "top dims")
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -307,7 +307,7 @@ def diagnose_hf(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, 
     special_ids = sorted({i for i in tokenizer.all_special_ids if bool((windows == i).any())})
     special_sum: dict[int, list] = {i: [None] * len(layers) for i in special_ids}
     uniform_sum = dict.fromkeys(special_ids, 0.0)
-    channel_max: list = [None] * (len(layers) + 1)
+    channel_max: dict = {}  # j -> (values, where) of h_j; (j, module) -> the same of a hooked module
     last_fp32: list[torch.Tensor] = []
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     try:
@@ -320,7 +320,9 @@ def diagnose_hf(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, 
             collector.add(hidden, blocks, mixers)
             last_fp32.append(hidden[-1].float().cpu())
             _add_special_shares(special_sum, uniform_sum, mixers, ids, checkpoint.causal)
-            _add_channel_maxima(channel_max, hidden, ids, b * batch_size)
+            tensors = {j: h for j, h in enumerate(hidden)}
+            tensors.update({(j, name): out for j, outs in enumerate(blocks) for name, out in outs.items()})
+            _add_channel_maxima(channel_max, tensors, ids, b * batch_size)
     finally:
         hooks.remove()
     n = len(windows)
@@ -335,7 +337,11 @@ def diagnose_hf(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, 
         for name, per_layer in result["special_share"].items()
     }
     result["special_share_uniform"] = {name: uniform_sum[i] / n for name, i in zip(names, special_ids)}
-    result["top_dims"] = [_top_dims(m, windows, tokenizer) for m in channel_max]
+    result["top_dims"] = [_top_dims(channel_max[j], windows, tokenizer) for j in range(len(layers) + 1)]
+    result["module_top_dims"] = [
+        {name: _top_dims(channel_max[(j, name)], windows, tokenizer)[:1] for name in result["modules"][j]}
+        for j in range(len(layers))
+    ]
     if bool((windows[:, 0] == windows[0, 0]).all()):  # framed windows: the sink column names its token
         result["first_token"] = tokenizer.convert_ids_to_tokens(int(windows[0, 0]))
     if quantization:
@@ -395,18 +401,16 @@ def _add_special_shares(special_sum, uniform_sum, mixers, ids, causal: bool) -> 
             per_layer[j] = share if per_layer[j] is None else per_layer[j] + share
 
 
-def _add_channel_maxima(channel_max: list, hidden: list, ids: torch.Tensor, offset: int) -> None:
-    for j, h in enumerate(hidden):
+def _add_channel_maxima(channel_max: dict, tensors: dict, ids: torch.Tensor, offset: int) -> None:
+    """Fold one batch's per-channel maxima (and the flat token index holding each) into ``channel_max``."""
+    for key, h in tensors.items():
         values, where = channel_maxima(h)
         values, where = values.cpu(), where.cpu() + offset * ids.shape[1]
-        if channel_max[j] is None:
-            channel_max[j] = (values, where)
-        else:
-            better = values > channel_max[j][0]
-            channel_max[j] = (
-                torch.where(better, values, channel_max[j][0]),
-                torch.where(better, where, channel_max[j][1]),
-            )
+        if key in channel_max:
+            better = values > channel_max[key][0]
+            values = torch.where(better, values, channel_max[key][0])
+            where = torch.where(better, where, channel_max[key][1])
+        channel_max[key] = (values, where)
 
 
 def _top_dims(maxima, windows: torch.Tensor, tokenizer) -> list[dict]:
@@ -491,6 +495,16 @@ def summarize_hf(result: dict) -> dict:
         default=None,
     )
     summary["top_activation"] = None if best is None else {"layer": best[0], **best[1]}
+    best = max(
+        (
+            {"layer": j + 1, "module": name, **rows[0]}
+            for j, modules in enumerate(result["module_top_dims"])
+            for name, rows in modules.items()
+        ),
+        key=lambda row: row["value"],
+        default=None,
+    )
+    summary["top_module_activation"] = best
     summary["w8a8_hidden_rel_error"] = result.get("w8a8_hidden_rel_error")
     summary["w8a8_embedding_cosine"] = result.get("w8a8_embedding_cosine")
     return summary

@@ -129,7 +129,7 @@ def diagnostic_table(result: dict) -> tuple[list[str], list[list[str]]]:
     header = ["layer", "mixer", f"{first} share" if first else "sink share"]
     header += ["sink per head"] if per_head else []
     header += [f"{name} share" for name in special] + ["attn entropy", "max act", "act max/median"]
-    header += ["top dims (token)"] if top_dims else []
+    header += ["top dims"] if top_dims else []
     header += ["token kurtosis", "block inf-norm", "block kurtosis"]
     header += ["gate mean", "gate < 0.1"] if gates else []
     rows = []
@@ -174,6 +174,12 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(
             f"largest activation {top['value']:.2f}: after layer {top['layer']}, channel {top['dim']}, on "
             f"{top['token']!r} (position {top['position']})"
+        )
+    top = s.get("top_module_activation")
+    if top:
+        lines.append(
+            f"largest output of a hooked module {top['value']:.2f}: layer {top['layer']} {top['module']}, "
+            f"channel {top['dim']}, on {top['token']!r} (position {top['position']})"
         )
     if s.get("loss_fp32") is not None:
         lines.append(
