@@ -255,3 +255,21 @@ def test_gates_and_attention_of_a_gatelab_mixer_inside_the_model(llama):
     assert result["sink_share"][1] == pytest.approx(first_token_share(internals["attn"]).tolist(), rel=1e-5)
     # the caller still gets (y, state) back: the model ran, and the hooks are gone afterwards
     assert mixer._forward_pre_hooks == {} and len(mixer(captured["x"])) == 2
+
+
+def test_gpt2_conv1d_projections_are_hooked_and_w8a8_is_refused(tmp_path):
+    """GPT-2's projections are Conv1D, not nn.Linear: hooked all the same, but the lab's W8A8 would round
+    nothing, so it is refused with the way out rather than reported as a zero gap."""
+    tokenizer, vocab = _word_tokenizer(
+        ["<pad>", "<unk>", "<s>"], pad_token="<pad>", unk_token="<unk>", bos_token="<s>"
+    )
+    config = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    checkpoint = load_checkpoint(tmp_path / "gpt2")
+    windows = token_windows(checkpoint.tokenizer, TEXT, checkpoint.kind, 12, 2)
+    with pytest.raises(ValueError, match="--no-quant"):
+        diagnose_hf(checkpoint, windows, 2)
+    result = diagnose_hf(checkpoint, windows, 2, quantization=False)
+    assert {"attn.c_proj", "mlp.c_proj", "ln_1", "ln_2", "layer"} <= set(result["modules"][0])

