@@ -137,6 +137,19 @@ def test_bert_diagnostics_match_the_models_own_outputs(bert):
     assert 0 < result["w8a8_hidden_rel_error"] < 1 and 0 < result["w8a8_embedding_cosine"] <= 1
 
 
+def test_diagnose_hf_checks_its_input_and_restores_the_mode(bert):
+    checkpoint = load_checkpoint(bert)
+    windows = token_windows(checkpoint.tokenizer, TEXT, "encoder", 16, 2)
+    with pytest.raises(ValueError, match=r"shape \(N, T\), long"):
+        diagnose_hf(checkpoint, windows.float(), 2)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        diagnose_hf(checkpoint, windows, 0)
+    checkpoint.model.train()
+    a = diagnose_hf(checkpoint, windows, 2, quantization=False)
+    b = diagnose_hf(checkpoint, windows, 1, quantization=False)  # dropout off: the same in any batching
+    assert checkpoint.model.training and a["sink_share_layer"] == pytest.approx(b["sink_share_layer"], rel=1e-5)
+
+
 def test_masked_lm_batches_mask_only_plain_tokens(bert):
     checkpoint = load_checkpoint(bert)
     windows = token_windows(checkpoint.tokenizer, TEXT, "encoder", 16, 4)

@@ -286,9 +286,14 @@ class _Hooks:
             handle.remove()
 
 
-@torch.no_grad()
-def diagnose_hf(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, *, quantization: bool = True,
-                seed: int = 0) -> dict:  # fmt: skip
+def diagnose_hf(
+    checkpoint: Checkpoint,
+    windows: torch.Tensor,
+    batch_size: int,
+    *,
+    quantization: bool = True,
+    seed: int = 0,
+) -> dict:
     """Every diagnostic of ``checkpoint`` on the token ``windows`` (N, T), in batches of ``batch_size``.
 
     Returns the dict :func:`gatelab.lab.diagnostics.diagnose` returns (per layer: sink share per head,
@@ -296,6 +301,29 @@ def diagnose_hf(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, 
     special token: per layer, per head), "top_dims" (per hidden state: the channels with the largest
     |activation| and the token each sits on), the W8A8 figures and a "model" / "summary" record.
     """
+    if (
+        not isinstance(windows, torch.Tensor)
+        or windows.ndim != 2
+        or windows.dtype != torch.long
+        or not len(windows)
+    ):
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ValueError(f"windows must be token ids of shape (N, T), long, N >= 1, got {shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    model = checkpoint.model
+    was_training = model.training
+    model.eval()  # no dropout in what is measured
+    try:
+        return _diagnose(checkpoint, windows, batch_size, quantization=quantization, seed=seed)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _diagnose(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, *, quantization: bool = True,
+                seed: int = 0) -> dict:  # fmt: skip
+    """:func:`diagnose_hf` with the model in eval mode."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     device = next(model.parameters()).device
     layers_name, layers = find_layers(model)
@@ -319,7 +347,7 @@ def diagnose_hf(checkpoint: Checkpoint, windows: torch.Tensor, batch_size: int, 
             last_fp32.append(hidden[-1].float().cpu())
             _add_special_shares(special_sum, uniform_sum, mixers, ids, checkpoint.causal)
             tensors = {j: h for j, h in enumerate(hidden)}
-            tensors.update({(j, name): out for j, outs in enumerate(blocks) for name, out in outs.items()})
+            tensors.update({(j, name): t for j, outs in enumerate(blocks) for name, t in outs.items()})
             _add_channel_maxima(channel_max, tensors, ids, b * batch_size)
     finally:
         hooks.remove()
