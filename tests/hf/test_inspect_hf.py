@@ -147,7 +147,9 @@ def test_diagnose_hf_checks_its_input_and_restores_the_mode(bert):
     checkpoint.model.train()
     a = diagnose_hf(checkpoint, windows, 2, quantization=False)
     b = diagnose_hf(checkpoint, windows, 1, quantization=False)  # dropout off: the same in any batching
-    assert checkpoint.model.training and a["sink_share_layer"] == pytest.approx(b["sink_share_layer"], rel=1e-5)
+    assert checkpoint.model.training and a["sink_share_layer"] == pytest.approx(
+        b["sink_share_layer"], rel=1e-5
+    )
 
 
 def test_masked_lm_batches_mask_only_plain_tokens(bert):
