@@ -2,6 +2,7 @@
 the others are inspected, and the exit status says that something was skipped."""
 
 import json
+import sys
 
 import pytest
 
@@ -71,3 +72,33 @@ def test_task_of_reads_the_recorded_task(run):
     assert find_model_dirs(run, "a") == [run / "models" / "a"]
     with pytest.raises(ValueError, match="glob of folder names"):
         find_model_dirs(run, "../a")
+
+
+def test_hf_and_run_arguments_are_checked_before_any_work(run, capsys):
+    for args, message in (
+        ([], "either a run"),
+        ([str(run), "--hf", "minilm"], "either a run"),
+        ([str(run), "--text", "t.txt"], "only apply with --hf"),
+        ([str(run), "--out", str(run / "o")], "only apply with --hf"),
+        (["--hf", "minilm", "--task", "mqar"], "not to --hf"),
+    ):
+        assert main(["inspect", *args]) != 0 and message in capsys.readouterr().err
+
+
+def test_the_core_package_never_imports_transformers():
+    """transformers is optional: importing the package, the CLI and even gatelab.hf.diagnose loads none of it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gatelab, gatelab.cli, gatelab.lab.inspect, gatelab.commands.inspect, gatelab.hf.diagnose; "
+        "print(any(m == 'transformers' or m.startswith('transformers.') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_hf_without_transformers_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    assert main(["inspect", "--hf", "minilm"]) != 0
+    assert "pip install gatelab[hf]" in capsys.readouterr().err

@@ -61,3 +61,16 @@ def test_gate_statistics():
     assert stats["count"] == 8
     with pytest.raises(ValueError, match="gate"):
         gate_statistics(torch.zeros(0))
+
+
+def test_channel_maxima_finds_the_channel_and_its_token():
+    from gatelab.lab.diagnostics import channel_maxima
+
+    h = torch.randn(2, 4, 8) * 0.1
+    h[1, 2, 5] = -30.0  # a massive activation in channel 5, on token 2 of sequence 1
+    values, where = channel_maxima(h)
+    assert values.shape == (8,) and int(values.argmax()) == 5 and float(values[5]) == 30.0
+    assert int(where[5]) == 1 * 4 + 2
+    torch.testing.assert_close(values, h.abs().amax(dim=(0, 1)))
+    with pytest.raises(ValueError, match=r"\(B, T, d_model\)"):
+        channel_maxima(h[0])

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -49,3 +51,27 @@ def test_diagnose_restores_training_mode(tiny_lm, batches):
     assert tiny_lm.training
     with pytest.raises(ValueError, match="at least one batch"):
         diagnose(tiny_lm, [])
+
+
+def test_collector_takes_hooked_modules_and_bidirectional_attention():
+    """One layer with two hooked modules (as forward hooks on a transformers layer give): the layer's
+    inf-norm is the max over its modules, its kurtosis the mean, and each module's pair is kept."""
+    from gatelab.lab.diagnostics import Collector, sequence_outlier_stats
+
+    torch.manual_seed(0)
+    h = [torch.randn(2, 6, 4), torch.randn(2, 6, 4)]
+    modules = {"fc2": torch.randn(2, 6, 4) * 5, "norm": torch.randn(2, 6, 4)}
+    attn = torch.full((2, 3, 6, 6), 1 / 6)  # bidirectional uniform
+    collector = Collector(causal=False)
+    collector.add(h, [modules], [{"attn": attn}])
+    result = collector.result(["layer"])
+    pairs = {name: [float(v.mean()) for v in sequence_outlier_stats(x)] for name, x in modules.items()}
+    assert result["modules"][0]["fc2"]["inf_norm"] == pytest.approx(pairs["fc2"][0], rel=1e-6)
+    assert result["block_inf_norm"][0] == pytest.approx(max(p[0] for p in pairs.values()), rel=1e-6)
+    assert result["block_kurtosis"][0] == pytest.approx(sum(p[1] for p in pairs.values()) / 2, rel=1e-6)
+    assert result["sink_share_uniform"] == pytest.approx(1 / 6) and result["sink_share"][0] == pytest.approx(
+        [1 / 6] * 3
+    )
+    assert result["attn_entropy_uniform"] == pytest.approx(math.log(6))
+    with pytest.raises(ValueError, match="at least one batch"):
+        Collector().result([])

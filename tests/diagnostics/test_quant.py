@@ -99,3 +99,17 @@ def test_w8a8_quantises_the_lm_tied_output_head():
             assert model.head.weight.unique().numel() <= 255
             expected = F.linear(fake_quantize_int8(h), model.embed.weight)
             torch.testing.assert_close(model.head(h), expected)
+
+
+def test_w8a8_keeps_the_named_modules_in_full_precision():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    original = [m.weight.detach().clone() for m in model]
+    x = torch.randn(3, 8)
+    with w8a8(model, keep_fp=[model[1]]):
+        assert not torch.equal(model[0].weight, original[0])  # quantised
+        assert torch.equal(model[1].weight, original[1])  # kept
+        y = model(x)
+    expected = model[1](F.linear(fake_quantize_int8(x), fake_quantize_int8(original[0]), model[0].bias))
+    torch.testing.assert_close(y, expected)
+    assert all(torch.equal(m.weight, w) for m, w in zip(model, original))

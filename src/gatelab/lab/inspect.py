@@ -106,3 +106,137 @@ def task_of(
     if corpus is not None and trained_on is not None and task.describe().get("sha256") != trained_on:
         say(f"note: {corpus!r} is not the corpus {model_dir.name} was trained on (its sha256 differs)")
     return task
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+PER_HEAD_COLUMN = 8  # heads up to which the table lists each head's sink share (beyond: the heat map)
+
+
+def diagnostic_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The per-layer table of a diagnose / diagnose_hf result: (header, rows of cells), shared by the
+    terminal table and report.md. A transformers result adds a share column per special token that is not
+    the first token, and the two channels of the largest activations with the tokens they sit on; the
+    per-head column is left to the heat maps beyond PER_HEAD_COLUMN heads, the gate columns to models
+    with gates."""
+    first = result.get("first_token")
+    special = {k: v for k, v in result.get("special_share_layer", {}).items() if k != first}
+    top_dims = result.get("top_dims")
+    per_head = max((len(h) for h in result["sink_share"] if h is not None), default=0) <= PER_HEAD_COLUMN
+    gates = any(g is not None for g in result["gate_mean"])
+    header = ["layer", "mixer", f"{first} share" if first else "sink share"]
+    header += ["sink per head"] if per_head else []
+    header += [f"{name} share" for name in special] + ["attn entropy", "max act", "act max/median"]
+    header += ["top dims"] if top_dims else []
+    header += ["token kurtosis", "block inf-norm", "block kurtosis"]
+    header += ["gate mean", "gate < 0.1"] if gates else []
+    rows = []
+    for i, key in enumerate(result["layers"]):
+        heads = result["sink_share"][i]
+        row = [str(i + 1), str(key), _fmt(result["sink_share_layer"][i], ".3f")]
+        if per_head:
+            row += ["-" if heads is None else " ".join(f"{h:.2f}" for h in heads)]
+        row += [_fmt(shares[i], ".3f") for shares in special.values()]
+        row += [_fmt(result["attn_entropy_layer"][i], ".2f"), _fmt(result["max_activation"][i + 1], ".2f")]
+        row += [_fmt(result["massive_ratio"][i + 1], ".0f")]
+        if top_dims:
+            row += [", ".join(f"{d['dim']} {d['token']}" for d in top_dims[i + 1][:2])]
+        row += [_fmt(result["residual_kurtosis"][i + 1], ".1f"), _fmt(result["block_inf_norm"][i], ".2f")]
+        row += [_fmt(result["block_kurtosis"][i], ".1f")]
+        if gates:
+            row += [_fmt(result["gate_mean"][i], ".3f"), _fmt(result["gate_frac_below"][i], ".2f")]
+        rows.append(row)
+    return header, rows
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One-line summaries under the table: sinks and outliers, then (transformers results) the largest
+    activation, special-token shares and the W8A8 figures, saying what each is measured on."""
+    s = result["summary"]
+    lines = [
+        f"sink share {_fmt(s['sink_share'], '.3f')} (uniform {_fmt(s['sink_share_uniform'], '.4f')}), "
+        f"max act {_fmt(s['max_activation'], '.2f')}, max inf-norm {_fmt(s['max_inf_norm'], '.2f')}, "
+        f"avg kurtosis {_fmt(s['avg_kurtosis'], '.1f')}"
+    ]
+    if s.get("special_share"):
+        uniform = result.get("special_share_uniform", {})
+        lines.append(
+            "special-token share (max over layers of the head mean): "
+            + ", ".join(
+                f"{k} {_fmt(v, '.3f')} (uniform {_fmt(uniform.get(k), '.4f')})"
+                for k, v in s["special_share"].items()
+            )
+        )
+    top = s.get("top_activation")
+    if top:
+        lines.append(
+            f"largest activation {top['value']:.2f}: after layer {top['layer']}, channel {top['dim']}, on "
+            f"{top['token']!r} (position {top['position']})"
+        )
+    top = s.get("top_module_activation")
+    if top:
+        lines.append(
+            f"largest output of a hooked module {top['value']:.2f}: layer {top['layer']} {top['module']}, "
+            f"channel {top['dim']}, on {top['token']!r} (position {top['position']})"
+        )
+    if s.get("loss_fp32") is not None:
+        lines.append(
+            f"{result.get('loss_kind', 'loss')}: fp32 {s['loss_fp32']:.4f}, W8A8 {_fmt(s['loss_w8a8'], '.4f')}, "
+            f"gap {_fmt(s['w8a8_gap'], '+.4f')}"
+        )
+    if s.get("w8a8_hidden_rel_error") is not None:
+        lines.append(
+            f"W8A8 on the last layer's output: relative error {s['w8a8_hidden_rel_error']:.4f}, cosine of "
+            f"mean-pooled embeddings {s['w8a8_embedding_cosine']:.4f}"
+            + ("" if s.get("loss_fp32") is not None else " (no LM head in the checkpoint: no loss gap)")
+        )
+    return lines
+
+
+OUTPUTS = ("results.json", "report.md")
+
+
+def write_inspection(
+    out_dir: str | Path, name: str, result: dict, *, overwrite: bool = False
+) -> dict[str, Path]:
+    """Write results.json, report.md and the layer x head heat maps of one inspected model into
+    ``out_dir`` (held with the run-folder lock; earlier results are refused unless ``overwrite``)."""
+    from gatelab.lab.plots import plot_layer_head_heatmap
+    from gatelab.lab.rundir import atomic_write_json, atomic_write_text, locked, refuse_existing
+    from gatelab.lab.tables import markdown_table, to_json_safe
+
+    first = result.get("first_token")
+    special = [k for k in result.get("special_share", {}) if k != first]
+    maps = {
+        "sink_share_heads.png": (
+            "sink_share",
+            f"attention share of the first token{f' ({first})' if first else ''}",
+            "share",
+        ),
+        "attn_entropy_heads.png": ("attn_entropy", "attention entropy", "nats"),
+    }
+    for token in special:
+        safe = "".join(c if c.isalnum() else "_" for c in token).strip("_") or "token"
+        maps[f"{safe}_share_heads.png"] = (("special_share", token), f"attention share of {token}", "share")
+    with locked(out_dir) as folder:
+        refuse_existing(folder, [*OUTPUTS, *maps], overwrite=overwrite)
+        written = {}
+        for file, (key, title, label) in maps.items():
+            matrix = result[key[0]][key[1]] if isinstance(key, tuple) else result[key]
+            if any(row is not None for row in matrix):
+                written[file] = plot_layer_head_heatmap(matrix, folder / file, f"{name}: {title}", label)
+        atomic_write_json(folder / "results.json", to_json_safe(result))
+        header, rows = diagnostic_table(result)
+        lines = [f"# gatelab inspect: {name}", ""]
+        lines += [f"- {line}" for line in summary_lines(result)]
+        for key, value in (result.get("model") or {}).items():
+            lines.append(f"- model {key}: {value}")
+        for key, value in (result.get("text") or {}).items():
+            lines.append(f"- text {key}: {value}")
+        lines += ["", markdown_table(header, rows), ""]
+        lines += [f"![{file}]({file})" for file in written]
+        atomic_write_text(folder / "report.md", "\n".join(lines) + "\n")
+        written.update({file: folder / file for file in OUTPUTS})
+    return written

@@ -172,3 +172,36 @@ def make_plots(results: dict, out_dir: Path) -> dict[str, Path]:
     )  # fmt: skip
     plots["speed"] = plot_speed(results, out_dir / "speed.png")
     return plots
+
+
+def plot_layer_head_heatmap(matrix: list[list[float] | None], path: Path, title: str, label: str) -> Path:
+    """A layer x head heat map (rows = layers from 1, columns = heads from 0); a layer without values
+    (None: no attention matrix) is left blank. Written atomically (a reader never sees half a PNG)."""
+    import io
+
+    import numpy as np
+
+    from gatelab.lab.rundir import atomic_write_bytes
+
+    width = max((len(row) for row in matrix if row is not None), default=0)
+    if width == 0:
+        raise ValueError(f"{title}: no layer has per-head values to draw")
+    grid = np.full((len(matrix), width), np.nan)
+    for i, row in enumerate(matrix):
+        if row is not None:
+            grid[i, : len(row)] = row
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * width, 1.0 + 0.4 * len(matrix)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(1e-9, float(np.nanmax(grid))))
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
+    ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(width), yticks=range(len(matrix)))
+    ax.set_yticklabels([str(i + 1) for i in range(len(matrix))])
+    fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)

@@ -64,3 +64,19 @@ def massive_activation_stats(hidden: torch.Tensor) -> dict[str, float]:
     a = hidden.detach().float().abs().flatten()
     top, median = float(a.max()), float(a.median())
     return {"max": top, "median": median, "ratio": top / median if median > 0 else float("inf")}
+
+
+def channel_maxima(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where massive activations sit: per channel, the largest |activation| and the token that holds it
+    (massive activations live in a few fixed channels, on the first token and on delimiters).
+
+    Args:
+        hidden: (B, T, d_model).
+    Returns:
+        values (d_model,) fp32: max |h| over the B x T tokens, per channel;
+        where (d_model,) long: the flat token index b * T + t of that maximum.
+    """
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must have shape (B, T, d_model), got {tuple(hidden.shape)}")
+    values, where = hidden.detach().float().abs().flatten(0, 1).max(dim=0)
+    return values, where

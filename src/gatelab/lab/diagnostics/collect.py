@@ -33,6 +33,120 @@ def _layer_keys(model: nn.Module, n: int) -> list:
     return list(keys) if keys is not None else [None] * n
 
 
+class Collector:
+    """Accumulates the diagnostics of one model over batches, from whatever exposes the internals: the
+    lab's LM (``return_internals=True``) or forward hooks on a transformers model (gatelab.hf.diagnose).
+
+    ``add`` takes one batch's internals; ``result`` gives the JSON-ready dict :func:`diagnose` returns.
+    ``causal``: whether query t sees only keys <= t (sets the uniform-attention baselines).
+    """
+
+    def __init__(self, causal: bool = True):
+        self.causal = causal
+        self.n_seq = 0
+        self.sink_sum: list = []
+        self.entropy_sum: list = []
+        self.gate_sum: list = []
+        self.abs_hidden: list[list[torch.Tensor]] = []
+        self.token_kurt_sum: list[float] = []
+        self.module_inf: list[dict[str, list[torch.Tensor]]] = []
+        self.module_kurt: list[dict[str, list[torch.Tensor]]] = []
+        self.T = self.S = None
+
+    def add(self, hidden: Sequence[torch.Tensor], block_out: Sequence, mixers: Sequence) -> None:
+        """One batch of B sequences.
+
+        Args:
+            hidden: [h_0..h_L], each (B, T, d_model): the residual stream before and after each block.
+            block_out: L entries, each a (B, T, d_model) tensor (what the block adds to the residual
+                stream) or a dict module name -> (B, T, d) output of each module hooked in that layer.
+            mixers: L dicts, optionally with "attn" (B, H, T, S) probabilities and "gate" (any shape).
+        """
+        B = hidden[0].shape[0]
+        self.n_seq += B
+        if not self.sink_sum:
+            L = len(mixers)
+            self.sink_sum, self.entropy_sum, self.gate_sum = [None] * L, [None] * L, [None] * L
+            self.abs_hidden = [[] for _ in hidden]
+            self.token_kurt_sum = [0.0] * len(hidden)
+            self.module_inf, self.module_kurt = [{} for _ in block_out], [{} for _ in block_out]
+        for i, h in enumerate(hidden):
+            self.abs_hidden[i].append(h.detach().float().abs().flatten().cpu())
+            self.token_kurt_sum[i] += float(token_kurtosis(h).nan_to_num(nan=0.0).mean()) * B
+        for i, outs in enumerate(block_out):
+            for name, out in (outs if isinstance(outs, dict) else {"block": outs}).items():
+                norm, kurt = sequence_outlier_stats(out)
+                self.module_inf[i].setdefault(name, []).append(norm.cpu())
+                self.module_kurt[i].setdefault(name, []).append(kurt.cpu())
+        for i, mix in enumerate(mixers):
+            attn = mix.get("attn") if isinstance(mix, dict) else None
+            if isinstance(attn, torch.Tensor):
+                self.T, self.S = attn.shape[-2], attn.shape[-1]
+                share, ent = first_token_share(attn).cpu() * B, attention_entropy(attn).cpu() * B
+                self.sink_sum[i] = share if self.sink_sum[i] is None else self.sink_sum[i] + share
+                self.entropy_sum[i] = ent if self.entropy_sum[i] is None else self.entropy_sum[i] + ent
+            gate = mix.get("gate") if isinstance(mix, dict) else None
+            if isinstance(gate, torch.Tensor) and gate.numel():
+                stats = gate_statistics(gate, GATE_THRESHOLD)
+                n = stats["count"]
+                prev = self.gate_sum[i] or (0.0, 0.0, 0)
+                self.gate_sum[i] = (
+                    prev[0] + stats["mean"] * n,
+                    prev[1] + stats["frac_below"] * n,
+                    prev[2] + n,
+                )
+
+    def result(self, layers: list) -> dict:
+        """The per-layer lists (None where a layer has no such internals). A layer's block inf-norm is the
+        max over its hooked modules of their inf-norm averaged over sequences, its block kurtosis the mean
+        over its modules (Quantizable Transformers' max / mean over modules; one module per layer for the
+        lab's LM); "modules" keeps each module's pair."""
+        n_seq, T, S = self.n_seq, self.T, self.S
+        if n_seq == 0:
+            raise ValueError("diagnose needs at least one batch")
+        sink = [None if s is None else (s / n_seq).tolist() for s in self.sink_sum]
+        entropy = [None if e is None else (e / n_seq).tolist() for e in self.entropy_sum]
+        massive = [massive_activation_stats(torch.cat(chunks)) for chunks in self.abs_hidden]
+        modules = [
+            {
+                name: {
+                    "inf_norm": float(torch.cat(inf[name]).mean()),
+                    "kurtosis": float(torch.cat(kurt[name]).nan_to_num(nan=0.0).mean()),
+                }
+                for name in inf
+            }
+            for inf, kurt in zip(self.module_inf, self.module_kurt)
+        ]
+        if T is None:
+            uniform_share = uniform_ent = None
+        elif self.causal:
+            uniform_share, uniform_ent = uniform_first_token_share(T, S), uniform_entropy(T, S)
+        else:  # every query sees all S keys
+            uniform_share, uniform_ent = 1.0 / S, math.log(S)
+        result = {
+            "layers": layers,
+            "n_sequences": n_seq,
+            "sink_share": sink,
+            "sink_share_layer": [None if s is None else sum(s) / len(s) for s in sink],
+            "sink_share_uniform": uniform_share,
+            "attn_entropy": entropy,
+            "attn_entropy_layer": [None if e is None else sum(e) / len(e) for e in entropy],
+            "attn_entropy_uniform": uniform_ent,
+            "max_activation": [m["max"] for m in massive],
+            "median_activation": [m["median"] for m in massive],
+            "massive_ratio": [m["ratio"] for m in massive],
+            "residual_kurtosis": [k / n_seq for k in self.token_kurt_sum],
+            "block_inf_norm": [max(m["inf_norm"] for m in layer.values()) for layer in modules],
+            "block_kurtosis": [sum(m["kurtosis"] for m in layer.values()) / len(layer) for layer in modules],
+            "gate_mean": [None if g is None else g[0] / g[2] for g in self.gate_sum],
+            "gate_frac_below": [None if g is None else g[1] / g[2] for g in self.gate_sum],
+            "gate_threshold": GATE_THRESHOLD,
+        }
+        if any(set(layer) != {"block"} for layer in modules):
+            result["modules"] = modules
+        return result
+
+
 @torch.no_grad()
 def diagnose(
     model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, quantization: bool = True
@@ -54,78 +168,14 @@ def diagnose(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    n_seq = 0
-    sink_sum: list = []
-    entropy_sum: list = []
-    gate_sum: list = []
-    abs_hidden: list[list[torch.Tensor]] = []
-    token_kurt_sum: list[float] = []
-    inf_norms: list[list[torch.Tensor]] = []
-    seq_kurt: list[list[torch.Tensor]] = []
-    T = S = None
+    collector = Collector(causal=True)
     try:
         for inputs, _targets in batches:
             _, _, internals = model(inputs.to(device), return_internals=True)
-            B = inputs.shape[0]
-            n_seq += B
-            hidden, block_out, mixers = internals["hidden"], internals["block_out"], internals["mixers"]
-            if not sink_sum:
-                L = len(mixers)
-                sink_sum, entropy_sum, gate_sum = [None] * L, [None] * L, [None] * L
-                abs_hidden = [[] for _ in hidden]
-                token_kurt_sum = [0.0] * len(hidden)
-                inf_norms, seq_kurt = [[] for _ in block_out], [[] for _ in block_out]
-            for i, h in enumerate(hidden):
-                abs_hidden[i].append(h.detach().float().abs().flatten().cpu())
-                token_kurt_sum[i] += float(token_kurtosis(h).nan_to_num(nan=0.0).mean()) * B
-            for i, out in enumerate(block_out):
-                norm, kurt = sequence_outlier_stats(out)
-                inf_norms[i].append(norm.cpu())
-                seq_kurt[i].append(kurt.cpu())
-            for i, mix in enumerate(mixers):
-                attn = mix.get("attn") if isinstance(mix, dict) else None
-                if isinstance(attn, torch.Tensor):
-                    T, S = attn.shape[-2], attn.shape[-1]
-                    share, ent = first_token_share(attn).cpu() * B, attention_entropy(attn).cpu() * B
-                    sink_sum[i] = share if sink_sum[i] is None else sink_sum[i] + share
-                    entropy_sum[i] = ent if entropy_sum[i] is None else entropy_sum[i] + ent
-                gate = mix.get("gate") if isinstance(mix, dict) else None
-                if isinstance(gate, torch.Tensor) and gate.numel():
-                    stats = gate_statistics(gate, GATE_THRESHOLD)
-                    n = stats["count"]
-                    prev = gate_sum[i] or (0.0, 0.0, 0)
-                    gate_sum[i] = (
-                        prev[0] + stats["mean"] * n,
-                        prev[1] + stats["frac_below"] * n,
-                        prev[2] + n,
-                    )
+            collector.add(internals["hidden"], internals["block_out"], internals["mixers"])
     finally:
         model.train(was_training)
-
-    sink = [None if s is None else (s / n_seq).tolist() for s in sink_sum]
-    entropy = [None if e is None else (e / n_seq).tolist() for e in entropy_sum]
-    massive = [massive_activation_stats(torch.cat(chunks)) for chunks in abs_hidden]
-    block_inf = [float(torch.cat(v).mean()) for v in inf_norms]
-    block_kurt = [float(torch.cat(v).nan_to_num(nan=0.0).mean()) for v in seq_kurt]
-    result = {
-        "layers": _layer_keys(model, len(sink)),
-        "n_sequences": n_seq,
-        "sink_share": sink,
-        "sink_share_layer": [None if s is None else sum(s) / len(s) for s in sink],
-        "sink_share_uniform": None if T is None else uniform_first_token_share(T, S),
-        "attn_entropy": entropy,
-        "attn_entropy_layer": [None if e is None else sum(e) / len(e) for e in entropy],
-        "attn_entropy_uniform": None if T is None else uniform_entropy(T, S),
-        "max_activation": [m["max"] for m in massive],
-        "median_activation": [m["median"] for m in massive],
-        "massive_ratio": [m["ratio"] for m in massive],
-        "residual_kurtosis": [k / n_seq for k in token_kurt_sum],
-        "block_inf_norm": block_inf,
-        "block_kurtosis": block_kurt,
-        "gate_mean": [None if g is None else g[0] / g[2] for g in gate_sum],
-        "gate_frac_below": [None if g is None else g[1] / g[2] for g in gate_sum],
-        "gate_threshold": GATE_THRESHOLD,
-    }
+    result = collector.result(_layer_keys(model, len(collector.sink_sum)))
     if quantization:
         result.update(w8a8_loss(model, batches))
     result["summary"] = summarize(result)

@@ -4,7 +4,7 @@ Bondarenko et al., 2023, apply to outlier-prone models)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -29,11 +29,14 @@ def fake_quantize_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def w8a8(model: nn.Module) -> Iterator[nn.Module]:
+def w8a8(model: nn.Module, keep_fp: Iterable[nn.Module] = ()) -> Iterator[nn.Module]:
     """Inside the block, every ``nn.Linear`` of ``model`` runs with int8 fake-quantised weights and
     int8 fake-quantised inputs (per-tensor, the activation scale is the input's own max |x| at each call).
-    On exit the original weights are restored exactly and the hooks removed, even on error."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    ``keep_fp``: modules left in full precision (Quantizable Transformers leave the final linear layer,
+    the LM head, in FP). On exit the original weights are restored exactly and the hooks removed, even on
+    error."""
+    kept = {id(m) for m in keep_fp}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in kept]
     saved: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
     for m in linears:  # a weight shared by several modules (tied head) is saved and quantised once
         saved.setdefault(id(m.weight), (m.weight, m.weight.detach().clone()))
@@ -81,13 +84,16 @@ def lm_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor
     return total / count
 
 
-def w8a8_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """{"loss_fp32", "loss_w8a8", "w8a8_gap" = loss_w8a8 - loss_fp32} on the same batches."""
+def w8a8_loss(
+    model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], keep_fp: Iterable[nn.Module] = ()
+) -> dict[str, float]:
+    """{"loss_fp32", "loss_w8a8", "w8a8_gap" = loss_w8a8 - loss_fp32} on the same batches (``keep_fp``:
+    as :func:`w8a8`)."""
     was_training = model.training
     model.eval()
     try:
         base = lm_loss(model, batches)
-        with w8a8(model):
+        with w8a8(model, keep_fp):
             quantised = lm_loss(model, batches)
     finally:
         model.train(was_training)

@@ -73,3 +73,21 @@ def uniform_entropy(T: int, S: int | None = None) -> float:
     if T < 1 or S < T:
         raise ValueError(f"need 1 <= T <= S, got T={T}, S={S}")
     return sum(math.log(S - T + t + 1) for t in range(T)) / T
+
+
+def key_share(attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Share of attention that goes to the marked keys (e.g. the [CLS] and [SEP] tokens), per head.
+
+    Args:
+        attn: (B, H, T, S) attention probabilities (rows go through :func:`as_distribution`).
+        keys: (B, S) bool, True at the keys whose share is wanted.
+    Returns:
+        (H,) fp32: sum over the marked keys of attn[b, h, t, s], averaged over the batch and the queries.
+    """
+    _check_attn(attn)
+    B, _, _, S = attn.shape
+    if not isinstance(keys, torch.Tensor) or keys.dtype != torch.bool or tuple(keys.shape) != (B, S):
+        shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise ValueError(f"keys must be a bool mask of shape (B, S) = {(B, S)}, got {shape}")
+    p = as_distribution(attn)
+    return (p * keys[:, None, None, :].to(p.device)).sum(dim=-1).mean(dim=(0, 2))
