@@ -185,6 +185,9 @@ def test_run_spec_builds_vision_runs_and_checks_their_blocks():
         RunSpec(task="digits", pattern="cnn", attention_gate={"target_keep": 0.5})
     with pytest.raises(TypeError, match="neighborhood options"):
         RunSpec(task="digits", pattern="neighborhood", mixer_options={"neighborhood": {"kernel": 3}})
+    # a mixer fixed to its map size gets the backbone's, in the spec's early check as in the model
+    spec = PRESETS["vision"].run_spec("digits", Variant.parse("ninformer"))
+    assert build(spec)[1].net.mixers[0].config.map_size == (8, 8)
 
 
 def test_compare_on_digits(tmp_path):

@@ -278,7 +278,10 @@ class RunSpec:
         except (TypeError, ValueError) as error:
             raise type(error)(f"{self.label}: {error}") from None
         if config.kind == "mixer":
-            check_mixer_options(self.pattern, self, self.label)
+            from gatelab.lab.models.vision import backbone_options
+
+            given = backbone_options(self.pattern, config.image_size)
+            check_mixer_options(self.pattern, self, self.label, given)
         return config
 
     @property
@@ -333,13 +336,14 @@ class RunSpec:
         return dataclasses.asdict(self)
 
 
-def check_mixer_options(key: str, spec: RunSpec, label: str) -> None:
-    """Build ``key``'s config with the options ``spec`` gives it, as the LM's blocks will: a bad option is
-    refused before any model is built, naming the run and the mechanism."""
+def check_mixer_options(key: str, spec: RunSpec, label: str, given: dict | None = None) -> None:
+    """Build ``key``'s config with the options ``spec`` gives it, as the LM's blocks (or the vision
+    backbone, which adds ``given``) will: a bad option is refused before any model is built, naming the
+    run and the mechanism."""
     from gatelab.registry import get
 
     mechanism = get(key)
-    options = {**spec.mixer_options.get("*", {}), **spec.mixer_options.get(key, {})}
+    options = {**(given or {}), **spec.mixer_options.get("*", {}), **spec.mixer_options.get(key, {})}
     names = {f.name for f in dataclasses.fields(mechanism.config_cls)}
     if {"layer_idx", "n_layers"} <= names:  # depth-dependent mixers get them from the LM's Block too
         options = {"layer_idx": 0, "n_layers": spec.n_layers, **options}

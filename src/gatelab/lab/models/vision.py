@@ -192,6 +192,14 @@ class UNet(nn.Module):
         return self.head(h).flatten(2).transpose(1, 2)  # (B, S * S, n_classes)
 
 
+def backbone_options(key: str, image_size: int) -> dict:
+    """What the backbone tells a mixer about its map: a mixer fixed to one map size (NiNformer's token MLP
+    has H * W inputs) gets the backbone's ``map_size``; others get nothing."""
+    if "map_size" in {f.name for f in dataclasses.fields(get(key).config_cls)}:
+        return {"map_size": (image_size, image_size)}
+    return {}
+
+
 class MixerNet(nn.Module):
     """A ViT-like stack on the pixel map: 3x3 conv stem to d_model, learned positions, pre-norm blocks
     (x + mixer(LN x), x + MLP(LN x)) with the registered mixer, then a mean-pooled or per-pixel head."""
@@ -205,9 +213,7 @@ class MixerNet(nn.Module):
         hidden = max(1, round(c.mlp_ratio * d))
         self.norms1 = nn.ModuleList(nn.LayerNorm(d) for _ in range(c.n_layers))
         self.norms2 = nn.ModuleList(nn.LayerNorm(d) for _ in range(c.n_layers))
-        options = {"d_model": d, "n_heads": c.n_heads, **c.block_options}
-        if "map_size" in {f.name for f in dataclasses.fields(get(c.block).config_cls)}:
-            options.setdefault("map_size", (S, S))  # a mixer fixed to its map (NiNformer's token MLP)
+        options = {"d_model": d, "n_heads": c.n_heads, **backbone_options(c.block, S), **c.block_options}
         self.mixers = nn.ModuleList(make_mixer(c.block, **options) for _ in range(c.n_layers))
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)) for _ in range(c.n_layers)
