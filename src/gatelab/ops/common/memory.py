@@ -2,11 +2,12 @@
 Attentional Bias, Retention, and Online Optimization, Behrouz et al., 2025): a matrix memory W (K x V per
 head) learnt online by gradient steps on an attentional-bias loss with a retention gate,
 
-    e_t = k_t W_{t-1} - v_t,   A_t = alpha_t A_{t-1} - eta_t k_t^T psi(e_t),   W_t = A_t / n(A_t),
+    e_t = k_t W_{t-1} - v_t,   A_t = alpha_t A_{t-1} - eta_t k_t^T psi(e_t),   W_t = R(A_t),
     o_t = scale q_t W_t,
 
-psi the gradient of the loss in the prediction (Moneta: l_p, Yaad: Huber), n the l_q normalisation
-(Moneta; 1 otherwise). The gradient is taken at the memory before the step, W_{t-1}, as the paper's online
+psi the gradient of the loss in the prediction (Moneta: l_p, Yaad: Huber, Memora: l_2), R the read-out of
+the memory from its accumulator A (Moneta: the l_q normalisation; Memora: a softmax over each row, its KL
+retention step; Yaad: none). The gradient is taken at the memory before the step, W_{t-1}, as the paper's online
 gradient descent writes it (not at the decayed alpha_t W_{t-1} as Gated DeltaNet does; at p = q = 2 the two
 agree after reparametrising beta = 2 eta / alpha and v -> alpha v, which the tests check).
 
@@ -31,6 +32,8 @@ from gatelab.ops.gated_deltanet.chunk import segment_sums  # the chunk decays, s
 # psi(e, *extra) -> the loss gradient in the prediction, e (..., V) the error, extra per-token terms
 # broadcast like e[..., :1]
 BiasGradient = Callable[..., torch.Tensor]
+# R(A) -> W on (..., K, V) accumulators, or None for W = A
+Readout = Callable[[torch.Tensor], torch.Tensor]
 
 
 def lq_normalize(A: torch.Tensor, power: float, floor: float) -> torch.Tensor:
@@ -44,18 +47,31 @@ def lq_normalize(A: torch.Tensor, power: float, floor: float) -> torch.Tensor:
     return A / norm.clamp(min=floor).pow(power - 2)
 
 
-def memory_step(psi, norm_power, norm_floor, state, q, k, v, g, eta, *extra, scale):
+def lp_gradient(error: torch.Tensor, power: float) -> torch.Tensor:
+    """d ||e||_p^p / d e = p sign(e) |e|^(p-1), elementwise (p >= 2: finite derivative at e = 0)."""
+    if power == 2:
+        return 2 * error
+    return power * error.sign() * error.abs().pow(power - 1)
+
+
+def read_out(readout: Readout | None, A: torch.Tensor) -> torch.Tensor:
+    """The memory W = readout(A) (B, H, ..., K, V); A itself without a read-out."""
+    return A if readout is None else readout(A)
+
+
+def memory_step(psi, readout, state, q, k, v, g, eta, *extra, scale):
     """One token. q, k (B, H, K); v (B, H, V); g, eta and extra (B, H); state A (B, H, K, V), all fp32.
     Returns o (B, H, V) and the new A."""
-    W = lq_normalize(state, norm_power, norm_floor)
+    W = read_out(readout, state)
     error = torch.einsum("bhk,bhkv->bhv", k, W) - v  # (B, H, V)
     update = eta[..., None] * psi(error, *(x[..., None] for x in extra))  # (B, H, V)
     state = state * g.exp()[..., None, None] - k[..., :, None] * update[..., None, :]
-    return torch.einsum("bhk,bhkv->bhv", q * scale, lq_normalize(state, norm_power, norm_floor)), state
+    return torch.einsum("bhk,bhkv->bhv", q * scale, read_out(readout, state)), state
 
 
 def memory_reference(
     psi: BiasGradient,
+    readout: Readout | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -63,8 +79,6 @@ def memory_reference(
     eta: torch.Tensor,
     *extra: torch.Tensor,
     scale: float | None = None,
-    norm_power: float = 2.0,
-    norm_floor: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,7 +88,7 @@ def memory_reference(
     gates = [x.float() for x in (g, eta, *extra)]
     outputs = []
     for t in range(q.shape[1]):
-        o, state = memory_step(psi, norm_power, norm_floor, state, q[:, t].float(), k[:, t].float(),
+        o, state = memory_step(psi, readout, state, q[:, t].float(), k[:, t].float(),
                                v[:, t].float(), *(x[:, t] for x in gates), scale=scale)  # fmt: skip
         outputs.append(o)
     o = torch.stack(outputs, dim=1).to(q.dtype)  # (B, T, H, V)
@@ -83,6 +97,7 @@ def memory_reference(
 
 def memory_chunk(
     psi: BiasGradient,
+    readout: Readout | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -90,8 +105,6 @@ def memory_chunk(
     eta: torch.Tensor,
     *extra: torch.Tensor,
     scale: float | None = None,
-    norm_power: float = 2.0,
-    norm_floor: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 16,
@@ -101,7 +114,7 @@ def memory_chunk(
     Within a chunk, with U_j = eta_j psi(k_j W_0 - v_j), Gamma[t, j] = prod_{j < l <= t} alpha_l and
     G_t = Gamma[t, 0]:  A_t = G_t A_0 - sum_{j <= t} Gamma[t, j] k_j^T U_j, so
     q_t A_t = G_t q_t A_0 - sum_j Gamma[t, j] (q_t . k_j) U_j. With l_q normalisation every A_t of the chunk
-    is formed (B, H, C, K, V) to take its norm."""
+    is formed (B, H, C, K, V) for the read-out."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
@@ -126,17 +139,17 @@ def memory_chunk(
     A = initial_or_zeros(initial_state, q, v)  # (B, H, K, V)
     outputs = []
     for n in range(N):
-        W0 = lq_normalize(A, norm_power, norm_floor)
+        W0 = read_out(readout, A)
         error = kc[:, :, n] @ W0 - vc[:, :, n]  # (B, H, C, V): every gradient at W_0
         U = ec[:, :, n, :, None] * psi(error, *(x[:, :, n, :, None] for x in xc))  # (B, H, C, V)
         G = decay_from_start[:, :, n]  # (B, H, C)
-        if norm_power == 2:
+        if readout is None:
             outputs.append(G[..., None] * (qc[:, :, n] @ A) - intra[:, :, n] @ U)  # (B, H, C, V)
         else:  # every A_t of the chunk, for its norm
             A_t = G[..., None, None] * A[:, :, None] - torch.einsum(
                 "bhtj,bhjk,bhjv->bhtkv", gamma[:, :, n], kc[:, :, n], U
             )  # (B, H, C, K, V)
-            W_t = lq_normalize(A_t, norm_power, norm_floor)
+            W_t = readout(A_t)
             outputs.append(torch.einsum("bhtk,bhtkv->bhtv", qc[:, :, n], W_t))
         to_end = gamma[:, :, n, -1]  # (B, H, C): Gamma[C, j]
         A = G[..., -1, None, None] * A - (kc[:, :, n] * to_end[..., None]).transpose(-1, -2) @ U
@@ -183,6 +196,7 @@ def check_memory_inputs(op: str, q, k, v, gates: dict[str, torch.Tensor]) -> Non
 def memory_op(
     op: str,
     psi: BiasGradient,
+    readout: Readout | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -191,15 +205,13 @@ def memory_op(
     extra: tuple[torch.Tensor, ...] = (),
     *,
     scale: float | None,
-    norm_power: float,
-    norm_floor: float,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the Miras memory ``op`` with bias gradient ``psi`` on checked inputs.
+    """Run the Miras memory ``op`` with bias gradient ``psi`` and read-out ``readout`` on checked inputs.
 
     q, k (B, T, H, K); v (B, T, H, V); g (B, T, H) log retention (alpha = exp(g)); eta (B, T, H) learning
     rate; extra: more (B, T, H) per-token terms psi reads (Yaad's threshold); initial_state (B, H, K, V)
@@ -207,12 +219,12 @@ def memory_op(
     final A (B, H, K, V) fp32 or None.
     """
     check_linear_options(op, q, v, initial_state, cu_seqlens, chunk_size)
-    reference = lambda *a, **o: memory_reference(psi, *a, **o)  # noqa: E731
-    functions = {"reference": reference, "chunk": lambda *a, **o: memory_chunk(psi, *a, **o),
+    reference = lambda *a, **o: memory_reference(psi, readout, *a, **o)  # noqa: E731
+    functions = {"reference": reference, "chunk": lambda *a, **o: memory_chunk(psi, readout, *a, **o),
                  "recurrent": reference}  # fmt: skip
     return run_linear(
         op, backend, functions, (q, k, v, g, eta, *extra), chunk_size=chunk_size, scale=scale,
-        norm_power=norm_power, norm_floor=norm_floor, initial_state=initial_state,
+        initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, auto_order=("chunk",),
     )  # fmt: skip
 

@@ -9,16 +9,16 @@ import functools
 import torch
 
 from gatelab.ops.common.checks import check_attention_values, check_number
-from gatelab.ops.common.memory import check_memory_inputs, memory_chunk, memory_op, memory_reference
+from gatelab.ops.common.memory import (
+    check_memory_inputs,
+    lp_gradient,
+    lq_normalize,
+    memory_chunk,
+    memory_op,
+    memory_reference,
+)
 
 BACKENDS = ("reference", "chunk", "recurrent")
-
-
-def lp_gradient(error: torch.Tensor, power: float) -> torch.Tensor:
-    """d ||e||_p^p / d e = p sign(e) |e|^(p-1), elementwise (p >= 2: finite derivative at e = 0)."""
-    if power == 2:
-        return 2 * error
-    return power * error.sign() * error.abs().pow(power - 1)
 
 
 def moneta(
@@ -62,22 +62,28 @@ def moneta(
     bias_power = check_number("bias_power", bias_power, low=2.0)
     norm_power = check_number("norm_power", norm_power, low=2.0)
     norm_floor = check_number("norm_floor", norm_floor, low=1e-12)
-    psi = functools.partial(lp_gradient, power=bias_power)
     return memory_op(
-        "moneta", psi, q, k, v, g, eta, scale=scale, norm_power=norm_power, norm_floor=norm_floor,
-        initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        "moneta", functools.partial(lp_gradient, power=bias_power), lq_readout(norm_power, norm_floor),
+        q, k, v, g, eta, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         chunk_size=chunk_size, backend=backend,
     )  # fmt: skip
 
 
-def moneta_reference(q, k, v, g, eta, *, bias_power=3.0, **options):
-    """The token recurrence (fp32) with psi_p; keyword options as :func:`memory_reference`."""
-    return memory_reference(functools.partial(lp_gradient, power=bias_power), q, k, v, g, eta, **options)
+def lq_readout(norm_power: float, norm_floor: float):
+    """W = A / max(||A||_q, floor)^(q - 2) as a read-out, None (W = A) for q = 2."""
+    return None if norm_power == 2 else functools.partial(lq_normalize, power=norm_power, floor=norm_floor)
 
 
-def moneta_chunk(q, k, v, g, eta, *, bias_power=3.0, **options):
-    """The chunk-parallel form with psi_p; keyword options as :func:`memory_chunk`."""
-    return memory_chunk(functools.partial(lp_gradient, power=bias_power), q, k, v, g, eta, **options)
+def moneta_reference(q, k, v, g, eta, *, bias_power=3.0, norm_power=4.0, norm_floor=1.0, **options):
+    """The token recurrence (fp32); keyword options as :func:`memory_reference`."""
+    psi = functools.partial(lp_gradient, power=bias_power)
+    return memory_reference(psi, lq_readout(norm_power, norm_floor), q, k, v, g, eta, **options)
+
+
+def moneta_chunk(q, k, v, g, eta, *, bias_power=3.0, norm_power=4.0, norm_floor=1.0, **options):
+    """The chunk-parallel form; keyword options as :func:`memory_chunk`."""
+    psi = functools.partial(lp_gradient, power=bias_power)
+    return memory_chunk(psi, lq_readout(norm_power, norm_floor), q, k, v, g, eta, **options)
 
 
 __all__ = ["moneta", "moneta_reference", "moneta_chunk", "lp_gradient", "BACKENDS"]

@@ -54,7 +54,7 @@ def yaad(
     if not torch.compiler.is_compiling() and delta.numel() and not bool((delta.detach() > 0).all()):
         raise ValueError(f"yaad: delta (the Huber threshold) must be > 0, got min {float(delta.min()):.4g}")
     return memory_op(
-        "yaad", _psi, q, k, v, g, eta, (delta,), scale=scale, norm_power=2.0, norm_floor=1.0,
+        "yaad", _psi, None, q, k, v, g, eta, (delta,), scale=scale,
         initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         chunk_size=chunk_size, backend=backend,
     )  # fmt: skip
@@ -62,12 +62,12 @@ def yaad(
 
 def yaad_reference(q, k, v, g, eta, delta, **options):
     """The token recurrence (fp32) with the Huber gradient; options as :func:`memory_reference`."""
-    return memory_reference(_psi, q, k, v, g, eta, delta, **options)
+    return memory_reference(_psi, None, q, k, v, g, eta, delta, **options)
 
 
 def yaad_chunk(q, k, v, g, eta, delta, **options):
     """The chunk-parallel form with the Huber gradient; options as :func:`memory_chunk`."""
-    return memory_chunk(_psi, q, k, v, g, eta, delta, **options)
+    return memory_chunk(_psi, None, q, k, v, g, eta, delta, **options)
 
 
 __all__ = ["yaad", "yaad_reference", "yaad_chunk", "huber_gradient", "BACKENDS"]
