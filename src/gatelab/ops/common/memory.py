@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from gatelab.ops.common.checks import check_heads, check_log_gate, check_same, check_tensor
+from gatelab.ops.common.chunk import chunk_length, chunk_qkv, from_chunks, to_chunks
 from gatelab.ops.common.linear import check_linear_options, run_linear
 from gatelab.ops.common.recurrent import initial_or_zeros
 from gatelab.ops.gated_deltanet.chunk import segment_sums  # the chunk decays, shared with the delta rule
@@ -115,24 +115,13 @@ def memory_chunk(
     G_t = Gamma[t, 0]:  A_t = G_t A_0 - sum_{j <= t} Gamma[t, j] k_j^T U_j, so
     q_t A_t = G_t q_t A_0 - sum_j Gamma[t, j] (q_t . k_j) U_j. With l_q normalisation every A_t of the chunk
     is formed (B, H, C, K, V) for the read-out."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K**-0.5 if scale is None else scale
-    C = min(chunk_size, T)
-    N = -(-T // C)
-    pad = N * C - T
-
-    def blocks(x: torch.Tensor) -> torch.Tensor:
-        # (B, T, H, ...) -> (B, H, N, C, ...) fp32; padded tokens have eta = 0 (no write) and g = 0 (no
-        # decay), so they leave the memory as it was
-        x = x.float().transpose(1, 2)
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad) if x.ndim == 4 else (0, pad))
-        return x.reshape(B, H, N, C, *x.shape[3:])
-
-    qc, kc, vc = blocks(q) * scale, blocks(k), blocks(v)  # (B, H, N, C, K|V)
-    gc, ec = blocks(g), blocks(eta)  # (B, H, N, C)
-    xc = [blocks(x) for x in extra]
+    T = q.shape[1]
+    C = chunk_length(chunk_size, T)
+    # (B, H, N, C, ...) fp32; padded tokens have eta = 0 (no write) and g = 0 (no decay): the memory stays
+    qc, kc, vc = chunk_qkv(q, k, v, C, scale)  # (B, H, N, C, K|V), q scaled
+    gc, ec = to_chunks(g, C), to_chunks(eta, C)  # (B, H, N, C)
+    xc = [to_chunks(x, C) for x in extra]
+    N = qc.shape[2]
     gamma = segment_sums(gc).exp()  # (B, H, N, C, C), zero above the diagonal
     decay_from_start = gc.cumsum(dim=-1).exp()  # (B, H, N, C): G_t
     intra = qc @ kc.transpose(-1, -2) * gamma  # (B, H, N, C, C)
@@ -145,7 +134,7 @@ def memory_chunk(
         G = decay_from_start[:, :, n]  # (B, H, C)
         if readout is None:
             outputs.append(G[..., None] * (qc[:, :, n] @ A) - intra[:, :, n] @ U)  # (B, H, C, V)
-        else:  # every A_t of the chunk, for its norm
+        else:  # every A_t of the chunk, for its read-out
             A_t = G[..., None, None] * A[:, :, None] - torch.einsum(
                 "bhtj,bhjk,bhjv->bhtkv", gamma[:, :, n], kc[:, :, n], U
             )  # (B, H, C, K, V)
@@ -153,7 +142,7 @@ def memory_chunk(
             outputs.append(torch.einsum("bhtk,bhtkv->bhtv", qc[:, :, n], W_t))
         to_end = gamma[:, :, n, -1]  # (B, H, C): Gamma[C, j]
         A = G[..., -1, None, None] * A - (kc[:, :, n] * to_end[..., None]).transpose(-1, -2) @ U
-    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
+    o = from_chunks(torch.stack(outputs, dim=2), T)  # (B, T, H, V)
     return o.to(q.dtype), (A if output_final_state else None)
 
 
