@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from miras_loop import chunk_start_loop
 
 from gatelab.ops.common.memory import lq_normalize
 from gatelab.ops.gated_deltanet import gated_deltanet_reference, l2_normalize
@@ -21,22 +22,6 @@ def inputs(B=2, T=13, H=3, K=8, V=6, seed=0):
         "g": -0.2 * torch.rand(B, T, H, generator=gen),
         "eta": 0.3 * torch.rand(B, T, H, generator=gen),
     }
-
-
-def chunk_start_loop(q, k, v, g, eta, *, p, q_norm, chunk_size, floor=1.0):
-    """The chunked definition token by token: the gradient of token t is taken at the memory of its chunk's
-    start, everything else as the recurrence. q, k (B, T, H, K), v (B, T, H, V), g, eta (B, T, H)."""
-    B, T, H, K = q.shape
-    A = torch.zeros(B, H, K, v.shape[-1])
-    outputs = []
-    for t in range(T):
-        if t % chunk_size == 0:
-            W0 = lq_normalize(A, q_norm, floor)
-        error = torch.einsum("bhk,bhkv->bhv", k[:, t], W0) - v[:, t]
-        update = eta[:, t, :, None] * lp_gradient(error, p)
-        A = A * g[:, t].exp()[..., None, None] - k[:, t, :, :, None] * update[..., None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K**-0.5, lq_normalize(A, q_norm, floor)))
-    return torch.stack(outputs, dim=1), A
 
 
 POWERS = [(2.0, 2.0), (3.0, 4.0), (3.0, 2.0), (2.0, 3.0)]
@@ -58,7 +43,9 @@ def test_chunk_one_is_the_recurrence_with_gradients(p, q_norm):
 @pytest.mark.parametrize("chunk_size", [4, 5, 16])
 def test_chunk_form_is_the_chunk_start_gradient_definition(p, q_norm, chunk_size):
     x = {n: t.requires_grad_() for n, t in inputs().items()}
-    loop = functools.partial(chunk_start_loop, p=p, q_norm=q_norm, chunk_size=chunk_size)
+    psi = functools.partial(lp_gradient, power=p)
+    readout = functools.partial(lq_normalize, power=q_norm, floor=1.0)
+    loop = functools.partial(chunk_start_loop, psi=psi, readout=readout, chunk_size=chunk_size)
     run_chunk = lambda t: moneta(**t, bias_power=p, norm_power=q_norm, backend="chunk",  # noqa: E731
                                  chunk_size=chunk_size, output_final_state=True)  # fmt: skip
     compare_grads(x, run_chunk, lambda t: loop(**t), torch.float32)

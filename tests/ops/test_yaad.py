@@ -3,6 +3,7 @@ gradient; the Huber gradient switches on the error's norm."""
 
 import pytest
 import torch
+from miras_loop import chunk_start_loop
 
 from gatelab.ops.gated_deltanet import gated_deltanet_reference, l2_normalize
 from gatelab.ops.yaad import huber_gradient, yaad
@@ -41,6 +42,19 @@ def test_chunk_one_is_the_recurrence_with_gradients():
 
     compare_grads(x, run("chunk"), run("reference"), torch.float32)
     compare_grads(x, run("recurrent"), run("reference"), torch.float32)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_chunk_form_is_the_chunk_start_gradient_definition(chunk_size):
+    x = {n: t.requires_grad_() for n, t in inputs().items()}
+    compare_grads(
+        x,
+        lambda t: yaad(**t, backend="chunk", chunk_size=chunk_size, output_final_state=True),
+        lambda t: chunk_start_loop(
+            *t.values(), psi=huber_gradient, readout=lambda A: A, chunk_size=chunk_size
+        ),
+        torch.float32,
+    )
 
 
 def test_chunked_differs_from_the_recurrence_by_design():
