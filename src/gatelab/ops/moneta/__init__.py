@@ -1,6 +1,12 @@
 """Moneta (Miras, Behrouz et al., 2025): a matrix memory learnt online with an l_p attentional bias and
 l_q normalisation, A_t = alpha_t A_{t-1} - eta_t k_t^T psi_p(k_t W_{t-1} - v_t), W_t = A_t / ||A_t||_q^(q-2),
-psi_p(e) = p sign(e) |e|^(p-1) the gradient of ||e||_p^p. See :mod:`gatelab.ops.common.memory`."""
+psi_p(e) = p sign(e) |e|^(p-1) the gradient of ||e||_p^p. See :mod:`gatelab.ops.common.memory`.
+
+Which reading: only a third-party transcription of the paper could be read. It gives Moneta's step as
+above, and elsewhere a generic l_q variant W = A / ||A||_p^(p-2) with p = q / (q - 1); the two disagree
+for q != 2 and agree (W = A) at q = 2. Moneta's own line is implemented, with the norm over each head's
+whole (K, V) memory and a floor on it (``norm_floor``), which the paper does not state: for q > 2 the map
+has degree 3 - q and would blow a near-zero memory up."""
 
 from __future__ import annotations
 
