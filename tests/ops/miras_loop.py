@@ -3,6 +3,8 @@ gradient of token t is taken at the memory of its chunk's start, everything else
 
 import torch
 
+from gatelab.testing import compare_grads, rel_rms
+
 
 def chunk_start_loop(q, k, v, g, eta, *extra, psi, readout, chunk_size):
     """q, k (B, T, H, K), v (B, T, H, V), g, eta and extra (B, T, H); psi(e, *extra) the bias gradient,
@@ -18,3 +20,30 @@ def chunk_start_loop(q, k, v, g, eta, *extra, psi, readout, chunk_size):
         A = A * g[:, t].exp()[..., None, None] - k[:, t, :, :, None] * update[..., None, :]
         outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K**-0.5, readout(A)))
     return torch.stack(outputs, dim=1), A
+
+
+def check_chunk_one_is_the_recurrence(op, x: dict, **options) -> None:
+    """op's chunk (at chunk 1) and recurrent backends against its reference: outputs, final memory and
+    every input gradient of the leaf inputs ``x``."""
+
+    def run(backend):
+        return lambda t: op(**t, **options, backend=backend, chunk_size=1, output_final_state=True)
+
+    compare_grads(x, run("chunk"), run("reference"), torch.float32)
+    compare_grads(x, run("recurrent"), run("reference"), torch.float32)
+
+
+def check_chunk_start_definition(op, x: dict, *, psi, readout, chunk_size: int, **options) -> None:
+    """op's chunk backend against :func:`chunk_start_loop`, outputs and every gradient."""
+    compare_grads(
+        x,
+        lambda t: op(**t, **options, backend="chunk", chunk_size=chunk_size, output_final_state=True),
+        lambda t: chunk_start_loop(*t.values(), psi=psi, readout=readout, chunk_size=chunk_size),
+        torch.float32,
+    )
+
+
+def chunk_gap(op, x: dict, chunk_size: int = 16, **options) -> float:
+    """Relative RMS gap between op's chunked and recurrent outputs."""
+    return rel_rms(op(**x, **options, backend="chunk", chunk_size=chunk_size)[0],
+                   op(**x, **options, backend="reference")[0])  # fmt: skip
