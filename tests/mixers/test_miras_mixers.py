@@ -73,3 +73,9 @@ def test_moneta_options_are_checked():
         build("moneta", bias_power=1.5)
     with pytest.raises(ValueError, match="norm_floor must be > 0"):
         build("moneta", norm_floor=0.0)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_bidirectional_is_refused_under_its_own_name(key):
+    with pytest.raises(ValueError, match=rf"{key} is a causal recurrence"):
+        build(key, causal=False)
