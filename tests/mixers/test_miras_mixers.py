@@ -79,3 +79,31 @@ def test_moneta_options_are_checked():
 def test_bidirectional_is_refused_under_its_own_name(key):
     with pytest.raises(ValueError, match=rf"{key} is a causal recurrence"):
         build(key, causal=False)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_mlp_memory_decodes_as_it_runs_in_parallel_and_trains(key):
+    mixer = build(key, memory="mlp", expand_v=1.0, chunk_size=1)
+    assert mixer.config.learning_rate_max == 0.1
+    x = torch.randn(2, 13, 32)
+    with torch.no_grad():
+        y_full, _ = mixer(x)
+        y, state = mixer(x[:, :6])
+        steps = [y]
+        for t in range(6, 13):
+            y, state = mixer(x[:, t : t + 1], state=state)
+            steps.append(y)
+    assert isinstance(state.state, tuple) and state.state[0].shape == (2, 2, 16, 64)
+    assert_close(f"{key} mlp decode", torch.cat(steps, dim=1), y_full, torch.float32)
+    mixer.train()
+    y, _ = mixer(x.requires_grad_())
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in mixer.parameters())
+    assert mixer.memory_w1.grad.abs().sum() > 0
+
+
+def test_mlp_memory_needs_values_as_wide_as_keys():
+    with pytest.raises(ValueError, match="memory='mlp' needs value_dim = key_dim"):
+        build("moneta", memory="mlp")
+    with pytest.raises(ValueError, match="memory must be one of"):
+        build("yaad", memory="tree")

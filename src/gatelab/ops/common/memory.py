@@ -23,9 +23,10 @@ from collections.abc import Callable
 
 import torch
 
-from gatelab.ops.common.checks import check_heads, check_log_gate, check_same, check_tensor
+from gatelab.ops.common.checks import check_choice, check_heads, check_log_gate, check_same, check_tensor
 from gatelab.ops.common.chunk import chunk_length, chunk_qkv, from_chunks, to_chunks
 from gatelab.ops.common.linear import check_linear_options, run_linear
+from gatelab.ops.common.mlp_memory import check_mlp_state, mlp_memory_chunk
 from gatelab.ops.common.recurrent import initial_or_zeros
 from gatelab.ops.gated_deltanet.chunk import segment_sums  # the chunk decays, shared with the delta rule
 
@@ -199,6 +200,7 @@ def memory_op(
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
     backend: str,
+    memory: str = "matrix",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the Miras memory ``op`` with bias gradient ``psi`` and read-out ``readout`` on checked inputs.
 
@@ -206,7 +208,25 @@ def memory_op(
     rate; extra: more (B, T, H) per-token terms psi reads (Yaad's threshold); initial_state (B, H, K, V)
     the memory before the first token (the unnormalised A). Returns o (B, T, H, V) in q's dtype and the
     final A (B, H, K, V) fp32 or None.
+
+    memory: "matrix", or "mlp", the paper's MLP memory (:mod:`gatelab.ops.common.mlp_memory`): then
+    initial_state is required, the pair of accumulators (W1 (B, H, V, E), W2 (B, H, E, K)), V = K, and the
+    read-out applies to each weight; its reference is its chunk form at chunk 1 (the token recurrence).
     """
+    check_choice("memory", memory, ("matrix", "mlp"))
+    if memory == "mlp":
+        check_mlp_state(op, q, v, initial_state)
+        if scale is not None:
+            raise ValueError(f"{op}: the MLP memory reads M(q) without a query scale; got scale={scale!r}")
+        check_linear_options(op, q, v, None, cu_seqlens, chunk_size)
+        reference = lambda *a, **o: mlp_memory_chunk(psi, readout, *a, **o, chunk_size=1)  # noqa: E731
+        chunked = lambda *a, **o: mlp_memory_chunk(psi, readout, *a, **o)  # noqa: E731
+        functions = {"reference": reference, "chunk": chunked, "recurrent": reference}
+        return run_linear(
+            op, backend, functions, (q, k, v, g, eta, *extra), chunk_size=chunk_size,
+            initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+            auto_order=("chunk",),
+        )  # fmt: skip
     check_linear_options(op, q, v, initial_state, cu_seqlens, chunk_size)
     reference = lambda *a, **o: memory_reference(psi, readout, *a, **o)  # noqa: E731
     functions = {"reference": reference, "chunk": lambda *a, **o: memory_chunk(psi, readout, *a, **o),

@@ -48,13 +48,14 @@ def memora(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 16,
     backend: str = "auto",
+    memory: str = "matrix",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Memora's memory: o_t = scale q_t Softmax(A_t).
 
     Args:
         q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H) log retention <= 0; eta: (B, T, H) learning rate
-            >= 0. initial_state: (B, H, K, V) logits A (zeros: the uniform memory). Other arguments as
-            :func:`gatelab.ops.moneta.moneta`.
+            >= 0. initial_state: (B, H, K, V) logits A (zeros: the uniform memory). Other arguments
+            (``memory`` among them) as :func:`gatelab.ops.moneta.moneta`.
     Returns:
         o (B, T, H, V) in q's dtype; the final logits A (B, H, K, V) fp32, or None.
     """
@@ -62,7 +63,7 @@ def memora(
     check_attention_values("memora", q.shape[1], scale=scale, k=k, v=v)
     return memory_op(
         "memora", _l2_gradient, simplex_rows, q, k, v, g, eta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, memory=memory,
     )  # fmt: skip
 
 

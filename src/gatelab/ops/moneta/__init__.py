@@ -43,6 +43,7 @@ def moneta(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 16,
     backend: str = "auto",
+    memory: str = "matrix",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Moneta's memory: o_t = scale q_t W_t.
 
@@ -60,6 +61,9 @@ def moneta(
         cu_seqlens: (N+1,) offsets of packed sequences in a (1, T, ...) batch.
         chunk_size: tokens per chunk of the "chunk" backend (gradients at each chunk's start).
         backend: "reference" / "recurrent" (the token recurrence), "chunk", or "auto" (chunk).
+        memory: "matrix", or "mlp": the paper's MLP memory x + LN(W1 gelu(W2 x)), initial_state then the
+            pair (W1 (B, H, V, E), W2 (B, H, E, K)), V = K, each weight l_q normalised
+            (:mod:`gatelab.ops.common.mlp_memory`).
     Returns:
         o (B, T, H, V) in q's dtype; the final A (B, H, K, V) fp32, or None unless ``output_final_state``.
     """
@@ -71,7 +75,7 @@ def moneta(
     return memory_op(
         "moneta", functools.partial(lp_gradient, power=bias_power), lq_readout(norm_power, norm_floor),
         q, k, v, g, eta, scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size, backend=backend,
+        chunk_size=chunk_size, backend=backend, memory=memory,
     )  # fmt: skip
 
 

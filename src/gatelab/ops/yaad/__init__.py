@@ -39,13 +39,14 @@ def yaad(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 16,
     backend: str = "auto",
+    memory: str = "matrix",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Yaad's memory: o_t = scale q_t A_t.
 
     Args:
         q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H) log retention <= 0; eta: (B, T, H) learning
             rate >= 0; delta: (B, T, H) Huber threshold > 0 (inf: plain l2, the delta rule).
-        Other arguments as :func:`gatelab.ops.moneta.moneta`.
+        Other arguments (``memory`` among them) as :func:`gatelab.ops.moneta.moneta`.
     Returns:
         o (B, T, H, V) in q's dtype; the final memory (B, H, K, V) fp32, or None.
     """
@@ -56,7 +57,7 @@ def yaad(
     return memory_op(
         "yaad", _psi, None, q, k, v, g, eta, (delta,), scale=scale,
         initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size, backend=backend,
+        chunk_size=chunk_size, backend=backend, memory=memory,
     )  # fmt: skip
 
 
