@@ -47,3 +47,20 @@ def chunk_gap(op, x: dict, chunk_size: int = 16, **options) -> float:
     """Relative RMS gap between op's chunked and recurrent outputs."""
     return rel_rms(op(**x, **options, backend="chunk", chunk_size=chunk_size)[0],
                    op(**x, **options, backend="reference")[0])  # fmt: skip
+
+
+def memory_inputs(B=2, T=13, H=3, K=8, V=6, seed=0, eta_scale=0.3, delta=False) -> dict[str, torch.Tensor]:
+    """Op inputs as the layers make them: unit q and k, retention in (0.82, 1], learning rate in
+    (0, eta_scale); with ``delta`` a Huber threshold about the error norms (both of Yaad's branches run)."""
+    gen = torch.Generator().manual_seed(seed)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)  # noqa: E731
+    x = {
+        "q": unit(B, T, H, K),
+        "k": unit(B, T, H, K),
+        "v": torch.randn(B, T, H, V, generator=gen),
+        "g": -0.2 * torch.rand(B, T, H, generator=gen),
+        "eta": eta_scale * torch.rand(B, T, H, generator=gen),
+    }
+    if delta:
+        x["delta"] = 0.2 + torch.rand(B, T, H, generator=gen)
+    return x

@@ -1,24 +1,21 @@
 """Memora's memory: rows on the simplex; the logit form is the paper's Softmax(alpha log W - eta grad) step;
 chunk 1 is the recurrence with every gradient; chunked differs by design."""
 
+import functools
+
 import pytest
 import torch
-from miras_loop import check_chunk_one_is_the_recurrence, check_chunk_start_definition, chunk_gap
+from miras_loop import (
+    check_chunk_one_is_the_recurrence,
+    check_chunk_start_definition,
+    chunk_gap,
+    memory_inputs,
+)
 
-from gatelab.ops.gated_deltanet import l2_normalize
 from gatelab.ops.memora import memora, simplex_rows
 from gatelab.testing import assert_close
 
-
-def inputs(B=2, T=13, H=3, K=8, V=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "q": l2_normalize(torch.randn(B, T, H, K, generator=gen)),
-        "k": l2_normalize(torch.randn(B, T, H, K, generator=gen)),
-        "v": torch.randn(B, T, H, V, generator=gen),
-        "g": -0.2 * torch.rand(B, T, H, generator=gen),
-        "eta": 0.5 * torch.rand(B, T, H, generator=gen),
-    }
+inputs = functools.partial(memory_inputs, eta_scale=0.5)
 
 
 def paper_step_loop(q, k, v, g, eta):

@@ -5,23 +5,19 @@ import functools
 
 import pytest
 import torch
-from miras_loop import check_chunk_one_is_the_recurrence, check_chunk_start_definition, chunk_gap
+from miras_loop import (
+    check_chunk_one_is_the_recurrence,
+    check_chunk_start_definition,
+    chunk_gap,
+    memory_inputs,
+)
 
 from gatelab.ops.common.memory import lq_normalize
-from gatelab.ops.gated_deltanet import gated_deltanet_reference, l2_normalize
+from gatelab.ops.gated_deltanet import gated_deltanet_reference
 from gatelab.ops.moneta import lp_gradient, moneta
 from gatelab.testing import assert_close
 
-
-def inputs(B=2, T=13, H=3, K=8, V=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "q": l2_normalize(torch.randn(B, T, H, K, generator=gen)),
-        "k": l2_normalize(torch.randn(B, T, H, K, generator=gen)),
-        "v": torch.randn(B, T, H, V, generator=gen),
-        "g": -0.2 * torch.rand(B, T, H, generator=gen),
-        "eta": 0.3 * torch.rand(B, T, H, generator=gen),
-    }
+inputs = memory_inputs
 
 
 POWERS = [(2.0, 2.0), (3.0, 4.0), (3.0, 2.0), (2.0, 3.0)]

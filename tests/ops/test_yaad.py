@@ -1,25 +1,22 @@
 """Yaad's memory: an infinite Huber threshold is the delta rule; chunk 1 is the recurrence with every
 gradient; the Huber gradient switches on the error's norm."""
 
+import functools
+
 import pytest
 import torch
-from miras_loop import check_chunk_one_is_the_recurrence, check_chunk_start_definition, chunk_gap
+from miras_loop import (
+    check_chunk_one_is_the_recurrence,
+    check_chunk_start_definition,
+    chunk_gap,
+    memory_inputs,
+)
 
-from gatelab.ops.gated_deltanet import gated_deltanet_reference, l2_normalize
+from gatelab.ops.gated_deltanet import gated_deltanet_reference
 from gatelab.ops.yaad import huber_gradient, yaad
 from gatelab.testing import assert_close
 
-
-def inputs(B=2, T=13, H=3, K=8, V=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "q": l2_normalize(torch.randn(B, T, H, K, generator=gen)),
-        "k": l2_normalize(torch.randn(B, T, H, K, generator=gen)),
-        "v": torch.randn(B, T, H, V, generator=gen),
-        "g": -0.2 * torch.rand(B, T, H, generator=gen),
-        "eta": 0.3 * torch.rand(B, T, H, generator=gen),
-        "delta": 0.2 + torch.rand(B, T, H, generator=gen),  # about the error norms: both branches run
-    }
+inputs = functools.partial(memory_inputs, delta=True)
 
 
 def test_infinite_threshold_is_the_delta_rule():
