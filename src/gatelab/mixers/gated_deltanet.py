@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gatelab.ops.common.short_conv import short_conv
 from gatelab.ops.gated_deltanet import BACKENDS, gated_deltanet, gated_deltanet_attention_matrix, l2_normalize
-from gatelab.registry import MechanismSpec, register
+from gatelab.registry import MechanismSpec, mechanism_key, register
 
 from ._base import MixerConfig, check_positive, gpt2_init
 from ._linear import LinearMixer, OpInputs
@@ -34,7 +34,10 @@ class GatedDeltaNetConfig(MixerConfig):
         check_positive("head_dim", self.head_dim, allow_none=True)
         check_positive("chunk_size", self.chunk_size)
         if not self.causal:
-            raise ValueError("gated_deltanet is a causal recurrence; causal=False is not supported")
+            # the key of this config's mechanism: subclasses (the Miras memories) are causal recurrences too
+            raise ValueError(
+                f"{mechanism_key(type(self))} is a causal recurrence; causal=False is not supported"
+            )
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or give head_dim"
