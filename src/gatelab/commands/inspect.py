@@ -7,10 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from gatelab.cli import command
-from gatelab.lab.inspect import check_inside, find_model_dirs, task_of
+from gatelab.lab.inspect import find_model_dirs, task_of
 
 __all__ = ["cmd_inspect", "find_model_dirs", "print_diagnostics", "task_of"]
 
@@ -81,113 +80,54 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the diagnostics of a saved model (a model folder or a compare run folder)."""
     from rich.console import Console
 
-    from gatelab.lab.diagnostics import diagnose
-    from gatelab.lab.models.lm import LM
-    from gatelab.lab.report import to_json_safe
+    from gatelab.lab.inspect import inspect_run
+    from gatelab.lab.tables import to_json_safe
 
-    if args.batches < 1 or args.batch_size < 1:
-        raise ValueError(
-            f"--batches and --batch-size must be positive, got {args.batches}, {args.batch_size}"
-        )
     console = Console()
     if console.width < 160 and not console.is_terminal:
         console = Console(width=160)
     if (args.run is None) == (args.hf is None):
         raise ValueError("give either a run / model folder or --hf PATH_OR_NAME (one of the two)")
+    say = lambda text: print(text, file=sys.stderr)
     if args.hf is not None:
         return _inspect_hf(args, console)
-    hf_only = {"--text": args.text, "--out": args.out}
-    given = [flag for flag, value in hf_only.items() if value is not None]
+    given = [flag for flag, value in {"--text": args.text, "--out": args.out}.items() if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)} only apply with --hf")
-    everything, tasks, failed = {}, {}, 0
-
-    def say(text: str) -> None:
-        print(text, file=sys.stderr)
-
-    model_dirs = find_model_dirs(args.run, args.models)
-    for model_dir in model_dirs:
-        try:  # one bad model (torn file, unreadable summary, foreign corpus) must not hide the others
-            check_inside(model_dir, Path(args.run))
-            model = LM.load(model_dir, device=args.device)
-            task = task_of(model_dir, args.task, tasks, corpus=args.corpus, say=say)
-            if task.vocab_size > model.config.vocab_size:
-                raise ValueError(
-                    f"{model_dir}: task {task.name!r} has vocab_size {task.vocab_size}, the model only "
-                    f"{model.config.vocab_size}"
-                )
-            batches = task.eval_batches(args.batches, args.batch_size, seed=args.seed)
-            result = diagnose(model, batches, quantization=not args.no_quant)
-        except (ValueError, TypeError, OSError, RuntimeError) as error:
-            failed += 1
-            everything[str(model_dir)] = {"error": f"{type(error).__name__}: {error}"}
-            say(f"gatelab inspect: skipped {model_dir}: {error}")
-            continue
-        everything[str(model_dir)] = result
-        if not args.json:
-            print_diagnostics(f"{model_dir.name} on {task.name}", result, console)
+    show = None if args.json else lambda model_dir, task, result: print_diagnostics(
+        f"{model_dir.name} on {task}", result, console
+    )  # fmt: skip
+    everything, failed = inspect_run(
+        args.run, models=args.models, task=args.task, corpus=args.corpus, batches=args.batches,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, quantization=not args.no_quant,
+        say=say, on_result=show,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(to_json_safe(everything), indent=1))
     if failed:
-        say(f"gatelab inspect: {failed} of {len(model_dirs)} model(s) could not be inspected (see above)")
+        say(f"gatelab inspect: {failed} of {len(everything)} model(s) could not be inspected (see above)")
     return 1 if failed else 0
 
 
 def _inspect_hf(args: argparse.Namespace, console) -> int:
-    """``--hf``: load the checkpoint (never downloading), cut the text into windows, diagnose, print the
-    table and, with --out, write the run folder."""
-    import time
-
-    from gatelab.hf.checkpoint import ALIASES, load_checkpoint
-    from gatelab.lab.diagnostics.hf import (
-        default_text,
-        diagnose_hf,
-        needed_chars,
-        text_digest,
-        token_windows,
-    )
-    from gatelab.lab.inspect import write_inspection
+    """``--hf``: refuse run-only flags and an earlier --out before the work, then one call."""
+    from gatelab.lab.inspect import OUTPUTS, inspect_hf, write_inspection
+    from gatelab.lab.rundir import check_writable, refuse_existing
     from gatelab.lab.tables import to_json_safe
 
-    if args.seq_len < 3:
-        raise ValueError(f"--seq-len must be at least 3, got {args.seq_len}")
     if args.task is not None or args.corpus is not None or args.models != "*":
         raise ValueError("--task, --corpus and --models apply to gatelab runs, not to --hf")
     if args.out is not None:
-        from gatelab.lab.inspect import OUTPUTS
-        from gatelab.lab.rundir import check_writable, refuse_existing
-
-        refuse_existing(
-            check_writable(args.out, "--out"), OUTPUTS, overwrite=args.overwrite
-        )  # before the work
-    n = args.batches * args.batch_size
-    if args.text is None:
-        text, source = default_text(needed_chars(n, args.seq_len))
-    else:
-        path = Path(args.text)
-        if not path.is_file():
-            raise ValueError(f"--text {args.text!r}: no such file")
-        text, source = path.read_text(encoding="utf-8", errors="replace"), str(path.resolve())
-    start = time.perf_counter()
-    try:
-        checkpoint = load_checkpoint(args.hf, device=args.device)
-    except ImportError as error:  # transformers missing: the CLI's one-line error, not a traceback
-        raise ValueError(str(error)) from None
-    limit = getattr(checkpoint.model.config, "max_position_embeddings", None)
-    if limit is not None and args.seq_len > limit:
-        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {limit} positions")
-    windows = token_windows(checkpoint.tokenizer, text, checkpoint.kind, args.seq_len, n)
-    result = diagnose_hf(checkpoint, windows, args.batch_size, quantization=not args.no_quant, seed=args.seed)
-    result["text"] = {
-        "source": source, "sha256": text_digest(text), "sequences": n, "seq_len": args.seq_len,
-        "tokens": int(windows.numel()),
-    }  # fmt: skip
-    result["seconds"] = time.perf_counter() - start
-    name = ALIASES[args.hf][2] if args.hf in ALIASES else checkpoint.path.name
+        refuse_existing(check_writable(args.out, "--out"), OUTPUTS, overwrite=args.overwrite)
+    name, result = inspect_hf(
+        args.hf, text_file=args.text, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
+        seed=args.seed, device=args.device, quantization=not args.no_quant,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(to_json_safe(result), indent=1))
     else:
-        print_diagnostics(f"{name} ({checkpoint.kind}) on {n} x {args.seq_len} tokens", result, console)
+        n, T = result["text"]["sequences"], result["text"]["seq_len"]
+        print_diagnostics(f"{name} ({result['kind']}) on {n} x {T} tokens", result, console)
     if args.out is not None:
         written = write_inspection(args.out, name, result, overwrite=args.overwrite)
         print(f"wrote {', '.join(sorted(written))} to {args.out}", file=sys.stderr)

@@ -12,6 +12,8 @@ Each command of the CLI is one call of a function here, loaded on first use:
 - ``cache(CacheStudy(...))``: KV-cache policies, quality vs memory on long contexts (``gatelab cache``)
 - ``train_run(RunSpec(...), out_dir)``: train one configuration (``gatelab train``)
 - ``merge(run_dirs, out_dir)``: one report from comparisons run in parallel (``gatelab merge``)
+- ``inspect_run(run)`` / ``inspect_hf(path)``: diagnostics of saved models or of a local transformers
+  checkpoint (``gatelab inspect``)
 - ``Variant``, ``RunSpec``, ``build``: a run's typed description and the model + TrainConfig it makes
 """
 
@@ -25,6 +27,8 @@ _EXPORTS = {  # name -> module (a lazy import: ``import gatelab.lab`` stays chea
     "CacheStudy": "gatelab.lab.kv.study",
     "train_run": "gatelab.lab.spec",
     "merge": "gatelab.lab.report",
+    "inspect_run": "gatelab.lab.inspect",
+    "inspect_hf": "gatelab.lab.inspect",
     "Variant": "gatelab.lab.spec",
     "RunSpec": "gatelab.lab.spec",
     "build": "gatelab.lab.spec",

@@ -240,3 +240,103 @@ def write_inspection(
         atomic_write_text(folder / "report.md", "\n".join(lines) + "\n")
         written.update({file: folder / file for file in OUTPUTS})
     return written
+
+
+def inspect_run(
+    run: str | Path,
+    *,
+    models: str = "*",
+    task: str | None = None,
+    corpus: str | None = None,
+    batches: int = 4,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
+    quantization: bool = True,
+    say: Callable[[str], None] = print,
+    on_result: Callable[[Path, str, dict], None] | None = None,
+) -> tuple[dict[str, dict], int]:
+    """The diagnostics (lab.diagnostics.diagnose) of every saved model of ``run`` (a model folder or a
+    compare run folder), each on its task's validation batches. A model that cannot be read (torn file,
+    unreadable summary, a corpus only the run folder names) is reported through ``say`` and skipped; the
+    others go on. ``on_result(model_dir, task_name, result)`` sees each result as it comes. Returns
+    ({model_dir: result or {"error": ...}}, the number skipped)."""
+    from gatelab.lab.diagnostics import diagnose
+    from gatelab.lab.models.lm import LM
+
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"--batches and --batch-size must be positive, got {batches}, {batch_size}")
+    everything, tasks, failed = {}, {}, 0
+    for model_dir in find_model_dirs(run, models):
+        try:  # one bad model must not hide the others
+            check_inside(model_dir, Path(run))
+            model = LM.load(model_dir, device=device)
+            model_task = task_of(model_dir, task, tasks, corpus=corpus, say=say)
+            if model_task.vocab_size > model.config.vocab_size:
+                raise ValueError(
+                    f"{model_dir}: task {model_task.name!r} has vocab_size {model_task.vocab_size}, the model "
+                    f"only {model.config.vocab_size}"
+                )
+            result = diagnose(
+                model, model_task.eval_batches(batches, batch_size, seed=seed), quantization=quantization
+            )
+        except (ValueError, TypeError, OSError, RuntimeError) as error:
+            failed += 1
+            everything[str(model_dir)] = {"error": f"{type(error).__name__}: {error}"}
+            say(f"gatelab inspect: skipped {model_dir}: {error}")
+            continue
+        everything[str(model_dir)] = result
+        if on_result is not None:
+            on_result(model_dir, model_task.name, result)
+    return everything, failed
+
+
+def inspect_hf(
+    path_or_name: str,
+    *,
+    text_file: str | None = None,
+    seq_len: int = 128,
+    batches: int = 4,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
+    quantization: bool = True,
+) -> tuple[str, dict]:
+    """The diagnostics of a local transformers checkpoint (never downloaded) on ``batches * batch_size``
+    windows of ``seq_len`` tokens of ``text_file`` (default: the standard library's module docstrings).
+    Returns (the model's display name, the result, with its text and wall seconds recorded)."""
+    import time
+
+    from gatelab.hf.checkpoint import ALIASES, load_checkpoint
+    from gatelab.lab.diagnostics.hf import default_text, diagnose_hf, needed_chars, text_digest, token_windows
+
+    if seq_len < 3:
+        raise ValueError(f"--seq-len must be at least 3, got {seq_len}")
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"--batches and --batch-size must be positive, got {batches}, {batch_size}")
+    n = batches * batch_size
+    if text_file is None:
+        text, source = default_text(needed_chars(n, seq_len))
+    else:
+        path = Path(text_file)
+        if not path.is_file():
+            raise ValueError(f"--text {text_file!r}: no such file")
+        text, source = path.read_text(encoding="utf-8", errors="replace"), str(path.resolve())
+    start = time.perf_counter()
+    try:
+        checkpoint = load_checkpoint(path_or_name, device=device)
+    except ImportError as error:  # transformers missing: the CLI's one-line error, not a traceback
+        raise ValueError(str(error)) from None
+    limit = getattr(checkpoint.model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's {limit} positions")
+    windows = token_windows(checkpoint.tokenizer, text, checkpoint.kind, seq_len, n)
+    result = diagnose_hf(checkpoint, windows, batch_size, quantization=quantization, seed=seed)
+    result["text"] = {
+        "source": source, "sha256": text_digest(text), "sequences": n, "seq_len": seq_len,
+        "tokens": int(windows.numel()),
+    }  # fmt: skip
+    result["seconds"] = time.perf_counter() - start
+    result["kind"] = checkpoint.kind
+    name = ALIASES[path_or_name][2] if path_or_name in ALIASES else checkpoint.path.name
+    return name, result
