@@ -172,7 +172,7 @@ def plot_quality_vs_compute(results: dict, task: str, path: Path) -> Path | None
         return None
     fig, axes = _grid(1, width=6.5)
     ax = axes[0]
-    for mixer, flops, values, metric in points:
+    for mixer, flops, values, _metric in points:
         mean = sum(values) / len(values)
         ax.errorbar([flops], [mean], yerr=[[mean - min(values)], [max(values) - mean]], marker="o", capsize=3,
                     label=mixer, color=colors[mixer])  # fmt: skip
