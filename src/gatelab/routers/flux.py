@@ -48,6 +48,7 @@ from .flops import attention_flops, linear_flops
 SPARSE = ("sliding_window", "hip", "psa")
 ROUTES = ("learned", "full", "sparse")
 TAU_START, TAU_END = 1.5, 1.0  # the official lh_trainer's cosine schedule
+ROUTER_LR = 5e-4  # the official script's router learning rate
 FULL_BIAS = 4.5  # the router's last-layer bias on "full": training starts at z = 1
 
 
@@ -271,6 +272,18 @@ class FluxAttention(AttentionMixer):
 
 def flux_layers(model: nn.Module) -> list[FluxAttention]:
     return [m for m in model.modules() if isinstance(m, FluxAttention)]
+
+
+def router_groups(model: nn.Module, lr: float = ROUTER_LR) -> list[dict]:
+    """The paper's fine-tuning on a frozen model as the trainer's parameter groups: the Flux routers only, at
+    ``lr`` (official 5e-4), no weight decay; every other parameter stays out (frozen). Pass
+    ``extra_losses={"flux_budget": budget_loss}`` with it (the trainer adds it by default)."""
+    params = [p for m in flux_layers(model) if m.config.route == "learned" for p in m.router.parameters()]
+    if not params:
+        raise ValueError(
+            "router_groups needs a model with learned Flux layers (route='learned'); it has none"
+        )
+    return [{"params": params, "lr": lr, "weight_decay": 0.0}]
 
 
 def sparse_fraction(model: nn.Module) -> torch.Tensor:

@@ -92,7 +92,7 @@ def default_terms(model: nn.Module) -> tuple[dict, dict]:
         monitors["active_experts"] = lambda m: moe_stats(m).get("active_fraction")
     if any(layer.config.route == "learned" for layer in flux_layers(model)):
         losses["flux_budget"] = budget_loss
-        monitors["sparse_layers"] = lambda m: float(sparse_fraction(m).mean())
+        monitors["sparse_layers"] = lambda m: float(sparse_fraction(m).detach().mean())
     return losses, monitors
 
 
