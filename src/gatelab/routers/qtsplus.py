@@ -244,7 +244,8 @@ register(
         family="gate",
         config_cls=QTSplusConfig,
         module_cls=QTSplus,
-        paper="QTSplus: query-aware token selection (official code Siyou-Li/QTSplus)",
+        paper="QTSplus (code Siyou-Li/QTSplus)",
+        status="experimental",  # a module on (B, N, d) streams, not run in the lab
         causal=False,
         bidirectional=False,
         notes="a token selector on a (B, N, d) stream with a (B, M, d) query; not a sequence mixer",
