@@ -113,6 +113,30 @@ def test_route_is_decided_at_prefill_and_kept_in_decoding():
     assert torch.equal(alone, z[:1])
 
 
+def test_learned_route_reads_the_whole_prefill():
+    """The documented exception to causality: the route pools the first and last queries of the prefill, so
+    changing the last tokens may flip a sequence's route and with it the outputs of its earlier tokens; the
+    outputs given a route stay causal (the forced-route test)."""
+    flux = _flux()
+    torch.manual_seed(3)
+    x = torch.randn(32, 9, 32)
+    later = x.clone()
+    later[:, -2:] = torch.randn(32, 2, 32)
+    with torch.no_grad():
+        flux.router.mlp[-1].weight.normal_(std=5.0)
+        flux.router.mlp[-1].bias.zero_()
+        q = flux.q_proj(x).view(32, 9, 4, 8)
+        logits = flux.router(pool_queries(q, flux.config.pool_size))
+        margins = (logits[:, 1] - logits[:, 0]).sort().values
+        flux.router.mlp[-1].bias[1] = -(margins[15] + margins[16]) / 2  # half of the sequences each side
+        y, _, a = flux(x, return_internals=True)
+        y2, _, b = flux(later, return_internals=True)
+    flipped = a["route"]["z"] != b["route"]["z"]
+    assert flipped.any()
+    assert not torch.allclose(y[flipped, :7], y2[flipped, :7])
+    assert torch.equal(y[~flipped, :7], y2[~flipped, :7])
+
+
 def test_straight_through_forward_is_hard_and_gradient_is_not_zero():
     logits = torch.randn(64, 2, requires_grad=True)
     z = straight_through_gumbel(logits, tau=1.5, generator=torch.Generator().manual_seed(0))

@@ -133,7 +133,8 @@ class ReEncoder(nn.Module):
 
 
 def newton_threshold(r: torch.Tensor, target: torch.Tensor, tau: float, steps: int) -> torch.Tensor:
-    """r (B, N), target (B,) -> t (B,) with sum_j sigmoid((r_j - t) / tau) ~= target, Newton from the median."""
+    """r (B, N), target (B,) -> t (B,) with sum_j sigmoid((r_j - t) / tau) ~= target (Newton from the
+    median)."""
     t = r.median(dim=-1).values
     for _ in range(steps):
         s = torch.sigmoid((r - t[:, None]) / tau)

@@ -60,8 +60,12 @@ def routing_summary(model: nn.Module, inputs: torch.Tensor) -> dict | None:
         return None
     fractions = [float(r["expensive_fraction"]) for r in routes]
     units = sorted({r["unit"] for r in routes})
-    return {"expensive_fraction": sum(fractions) / len(fractions), "unit": "/".join(units),
-            "per_layer": [None if r is None else float(r["expensive_fraction"]) for r in per_layer]}  # fmt: skip
+    layers = [None if r is None else float(r["expensive_fraction"]) for r in per_layer]
+    return {
+        "expensive_fraction": sum(fractions) / len(fractions),
+        "unit": "/".join(units),
+        "per_layer": layers,
+    }
 
 
 @torch.no_grad()
