@@ -193,3 +193,25 @@ def test_task_overrides_and_command_line_overrides():
         apply_overrides(preset, batch_size=0)
     with pytest.raises(ValueError, match="unknown fields"):
         preset.replace(task_overrides={"mqar": {"stepz": 3}})
+
+
+def test_quick_compare_reports_routing_and_compute(quick_run):
+    """Every LM run reports FLOPs/token at its task's length (softmax and linear baselines included) and
+    decode ms/token; router runs their routed fraction; one quality-vs-compute plot per task."""
+    _, run_dir = quick_run
+    results = json.loads((run_dir / "results.json").read_text())
+    for run in results["runs"]:
+        compute = run["compute"]
+        assert compute["decode_ms_per_token"] > 0 and compute["seq_len"] > 1
+        if run["mixer"] in ("softmax", "gated_deltanet", "sliding_window", "flux"):
+            assert compute["flops_per_token"] > 0, run["mixer"]
+        route = compute["route"]
+        if run["mixer"] == "flux":
+            assert 0 <= route["expensive_fraction"] <= 1 and route["unit"] == "layers"
+        elif run["mixer"] in ("softmax", "gated_deltanet"):
+            assert route is None
+    report = (run_dir / "report.md").read_text()
+    assert "routed expensive" in report and "FLOPs/token" in report and "decode ms/token" in report
+    for task in ("mqar", "text", "idle"):
+        png = (run_dir / f"quality_vs_compute_{task}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", task

@@ -36,7 +36,7 @@ def select_mixers(
     in the registry at run time, sorted by key. On a vision ``task`` (digits, digits_seg) the keys are the
     vision backbone's blocks instead (see :func:`select_vision_blocks`)."""
     from gatelab.lab.tasks import VISION_TASKS
-    from gatelab.registry import list_mechanisms
+    from gatelab.registry import get, list_mechanisms
 
     if task in VISION_TASKS:
         return select_vision_blocks(requested, preset, task)
@@ -50,9 +50,13 @@ def select_mixers(
             if variant.key not in known:
                 raise ValueError(f"unknown mixer {variant.key!r}; causal mixers: {', '.join(sorted(causal))}")
             if variant.key in gates:
-                raise ValueError(
-                    f"{variant.key!r} is a gate, not a mixer; an MoE router runs as --mlp moe:{variant.key}"
+                role = get(variant.key).extra.get("role")
+                use = (
+                    f"an MoE router runs as --mlp moe:{variant.key}"
+                    if role == "moe_router"
+                    else ("it works on a (B, N, d) stream with a query (a module, see its docstring)")
                 )
+                raise ValueError(f"{variant.key!r} is a gate, not a mixer; {use}")
             if variant.key not in causal:
                 raise ValueError(f"mixer {variant.key!r} is not causal and cannot run in the decoder LM")
         return variants, {}
@@ -134,6 +138,7 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
     With ``kv_cache`` (kv.rows.KVCacheOptions) the trained model also decodes under each cache policy
     (entry["kv_cache"], outside the run's wall_s)."""
     from gatelab.lab.diagnostics import diagnose
+    from gatelab.lab.diagnostics.compute import compute_summary
     from gatelab.lab.spec import folder_name
     from gatelab.lab.train import train
     from gatelab.lab.train.routing import routing_options
@@ -157,6 +162,9 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
         params=model.num_parameters(),
         diagnostics={} if spec.vision else diagnose(model, batches),
         moe=None if spec.vision else moe_summary(model, batches),
+        compute=None
+        if spec.vision
+        else compute_summary(model, batches),  # after training: not in train_wall_s
         task_info=task.describe(),
         model_dir=str(model_dir.relative_to(run_dir)),
     )

@@ -1,5 +1,5 @@
 """PNG plots of a ``gatelab compare`` run (matplotlib, Agg backend): loss curves, MQAR accuracy, sink
-share and max activation per layer, training speed."""
+share and max activation per layer, training speed, quality against FLOPs per token per task."""
 
 from __future__ import annotations
 
@@ -154,6 +154,39 @@ def plot_speed(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_quality_vs_compute(results: dict, task: str, path: Path) -> Path | None:
+    """Quality (accuracy where the task has it, else eval loss) against forward FLOPs per token at the
+    task's length: one point per mixer (mean over seeds, bars: the seeds' range); None without counts."""
+    mixers = results["config"]["mixers"]
+    colors = _colors(mixers)
+    points = []
+    for mixer in mixers:
+        runs = [r for r in _ok_runs(results, task) if r["mixer"] == mixer]
+        flops = [(r.get("compute") or {}).get("flops_per_token") for r in runs]
+        if not runs or any(f is None for f in flops):
+            continue
+        metric = "accuracy" if all("accuracy" in r["final"] for r in runs) else "loss"
+        values = [float(r["final"][metric]) for r in runs]
+        points.append((mixer, sum(flops) / len(flops), values, metric))
+    if not points:
+        return None
+    fig, axes = _grid(1, width=6.5)
+    ax = axes[0]
+    for mixer, flops, values, _metric in points:
+        mean = sum(values) / len(values)
+        ax.errorbar([flops], [mean], yerr=[[mean - min(values)], [max(values) - mean]], marker="o", capsize=3,
+                    label=mixer, color=colors[mixer])  # fmt: skip
+    metrics = {p[3] for p in points}
+    ax.set(
+        title=f"{task}: quality vs compute",
+        xlabel="forward FLOPs / token",
+        ylabel=" / ".join(sorted(metrics)),
+    )
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return _save(fig, path)
+
+
 def make_plots(results: dict, out_dir: Path) -> dict[str, Path]:
     """Write the PNGs into ``out_dir``; returns name -> path (MQAR accuracy only when mqar was run)."""
     out_dir = Path(out_dir)
@@ -171,6 +204,10 @@ def make_plots(results: dict, out_dir: Path) -> dict[str, Path]:
         None,
     )  # fmt: skip
     plots["speed"] = plot_speed(results, out_dir / "speed.png")
+    for task in results["config"]["tasks"]:
+        path = plot_quality_vs_compute(results, task, out_dir / f"quality_vs_compute_{task}.png")
+        if path is not None:
+            plots[f"quality_vs_compute_{task}"] = path
     return plots
 
 

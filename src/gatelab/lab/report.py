@@ -26,6 +26,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("expert_load", "expert load", ".2f"),
     ("active_experts", "active experts", ".2f"),
     ("moe_aux", "MoE aux", ".4f"),
+    ("routed", "routed expensive", ".2f"),
+    ("flops_per_token", "FLOPs/token", ",.0f"),
+    ("decode_ms", "decode ms/token", ".2f"),
     ("tokens_per_s", "tokens/s", ".0f"),
     ("params", "params", ",.0f"),
     ("wall_s", "wall s", ".1f"),
@@ -65,7 +68,12 @@ COLUMN_NOTES = (
     "assignments over the mean, the mean fraction of experts a token uses, and the router's auxiliary loss "
     "(load balance and its own), averaged over MoE layers and the diagnostics batches. Vision tasks (digits, "
     "digits_seg): accuracy per held-out image or pixel, Dice averaged over the ten digit classes, images/s of "
-    "training; the block (gate or mixer) is named in the mixer column."
+    "training; the block (gate or mixer) is named in the mixer column. routed expensive (router mixers only): the "
+    "fraction of tokens / heads / layers / chunks sent to the expensive (softmax / full) path on the "
+    "diagnostics batches, mean over router layers; FLOPs/token: forward FLOPs per token of the LM at the "
+    "task's length (gatelab.routers.flops defines the counts; '-': a mixer without a count); decode ms/token: "
+    "wall-clock time of one decoding step (batch 1, teacher-forced, second half of two sequences, on the "
+    "run's device)."
 )
 MOE_COLUMNS = ("expert_load", "active_experts", "moe_aux")  # shown only where some run has an MoE MLP
 
@@ -83,6 +91,12 @@ def run_metrics(run: dict) -> dict[str, float | None]:
         "params": finite(run.get("params")),
         "wall_s": finite(run.get("wall_s")),
     }
+    compute = run.get("compute") or {}
+    out.update(
+        routed=finite((compute.get("route") or {}).get("expensive_fraction")),
+        flops_per_token=finite(compute.get("flops_per_token")),
+        decode_ms=finite(compute.get("decode_ms_per_token")),
+    )
     moe = run.get("moe") or {}
     out.update(
         expert_load=finite(moe.get("load_max_over_mean")),
@@ -116,7 +130,8 @@ def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per mixer, in the comparison's order) of the table of one task."""
     agg = results["aggregate"].get(task, {})
     moe = any(r.get("moe") for r in results["runs"] if r["task"] == task)
-    table = [c for c in columns(task) if moe or c[0] not in MOE_COLUMNS]
+    routed = any(((r.get("compute") or {}).get("route")) for r in results["runs"] if r["task"] == task)
+    table = [c for c in columns(task) if (moe or c[0] not in MOE_COLUMNS) and (routed or c[0] != "routed")]
     header = ["mixer"] + [h for _, h, _ in table]
     rows = []
     for mixer in results["config"]["mixers"]:

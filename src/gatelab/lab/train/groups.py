@@ -77,9 +77,11 @@ def default_terms(model: nn.Module) -> tuple[dict, dict]:
     """(extra losses, monitors) a model brings: with attention gates (KV-cache eviction) their
     eviction-rate loss ("eviction") and the kept fraction of the last forward ("kept"); with MoE MLPs their
     auxiliary losses ("moe_aux": load balance and the routers' own) and the last forward's expert load
-    (max / mean) and active-expert fraction; none otherwise."""
+    (max / mean) and active-expert fraction; with learned Flux routers their sparsity budget ("flux_budget")
+    and the fraction of layers on the sparse side ("sparse_layers"); none otherwise."""
     from gatelab.cache import AttentionGatePolicy, eviction_loss, kept_fraction
     from gatelab.gates.moe import moe_aux_loss, moe_layers, moe_stats
+    from gatelab.routers.flux import budget_loss, flux_layers, sparse_fraction
 
     losses, monitors = {}, {}
     if any(isinstance(m, AttentionGatePolicy) for m in model.modules()):
@@ -88,6 +90,9 @@ def default_terms(model: nn.Module) -> tuple[dict, dict]:
         losses["moe_aux"] = moe_aux_loss
         monitors["expert_load"] = lambda m: moe_stats(m).get("load_max_over_mean")
         monitors["active_experts"] = lambda m: moe_stats(m).get("active_fraction")
+    if any(layer.config.route == "learned" for layer in flux_layers(model)):
+        losses["flux_budget"] = budget_loss
+        monitors["sparse_layers"] = lambda m: float(sparse_fraction(m).detach().mean())
     return losses, monitors
 
 
