@@ -317,7 +317,7 @@ register(
         backends=BACKENDS,
         causal=True,
         bidirectional=False,
-        paper="Flux Attention (arXiv 2604.07394; code qqtang-code/FluxAttention)",
+        paper="Flux Attention (arXiv 2604.07394)",
         notes="route decided once per sequence at prefill (one bit per layer from the whole prompt), kept "
         "in decoding; route=full / sparse force a side",
         extra={"test_options": {"window": 4, "sinks": 1, "pool_size": 2}},

@@ -245,7 +245,7 @@ register(
         family="gate",
         config_cls=QTSplusConfig,
         module_cls=QTSplus,
-        paper="QTSplus (code Siyou-Li/QTSplus)",
+        paper="QTSplus: query-aware token selection (official code; no paper text read)",
         status="experimental",  # a module on (B, N, d) streams, not run in the lab
         causal=False,
         bidirectional=False,
