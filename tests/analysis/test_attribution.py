@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gatelab.analysis import activation_patching, direct_logit_attribution, find_gate_heads, gate_values
+from gatelab.lab.analyze_planted import GATE_CLEAN, GATE_CORRUPT, planted_gate, planted_gate_model
 from gatelab.lab.models.lm import LM, LMConfig
 
 
@@ -45,35 +46,9 @@ def test_dla_sums_to_the_logit_difference_on_a_patched_transformers_model():
     assert torch.allclose(dla_sum(result), result["total"], atol=1e-5, rtol=1e-5)
 
 
-def planted_gate_model() -> LM:
-    """2 layers, d=16, vocab 8 embedded one-hot (tied unembedding rows e_0..e_7), everything zero but:
-    head (0, 0) writes "token 0 was seen" into channel 8, which no unembedding row reads (DLA exactly 0);
-    the layer-1 MLP reads channel 8 and writes e_1 - e_2 (the gate's effect); head (0, 1) writes e_1 - e_2
-    directly (a direct head: large DLA). Queries and keys are 0, so attention is uniform over the prefix."""
-    lm = LM(LMConfig(vocab_size=8, d_model=16, n_layers=2, n_heads=2, seed=0)).eval()
-    with torch.no_grad():
-        for p in lm.parameters():
-            p.zero_()
-        for norm in (lm.norm, *(m for b in lm.blocks for m in (b.mixer_norm, b.mlp_norm))):
-            norm.weight.fill_(1.0)
-        lm.embed.weight[torch.arange(8), torch.arange(8)] = 1.0
-        mixer = lm.blocks[0].mixer
-        mixer.v_proj.weight[0, 0] = 1.0  # head 0, value channel 0 <- token-0 indicator
-        mixer.v_proj.weight[8, 0] = 1.0  # head 1, value channel 0 <- the same
-        mixer.o_proj.weight[8, 0] = 3.0  # head 0 -> channel 8 (the gate signal)
-        mixer.o_proj.weight[1, 8], mixer.o_proj.weight[2, 8] = 6.0, -6.0  # head 1 -> e_1 - e_2
-        mlp = lm.blocks[1].mlp
-        hidden = mlp.down.weight.shape[1]
-        mlp.gate_up.weight[0, 8] = 1.0  # gate of unit 0 reads channel 8
-        mlp.gate_up.weight[hidden, 8] = 1.0  # its up part too
-        mlp.down.weight[1, 0], mlp.down.weight[2, 0] = 2.0, -2.0
-    return lm
-
-
 def test_interchange_finds_the_planted_gate_head_while_its_dla_is_zero():
     lm = planted_gate_model()
-    clean = torch.tensor([[0, 3, 4, 5, 6, 7], [4, 0, 3, 5, 7, 6]])
-    corrupt = torch.tensor([[3, 3, 4, 5, 6, 7], [4, 5, 3, 5, 7, 6]])
+    clean, corrupt = GATE_CLEAN, GATE_CORRUPT
 
     def metric(out):
         return (out[0][:, -1, 1] - out[0][:, -1, 2]).mean()
@@ -87,6 +62,7 @@ def test_interchange_finds_the_planted_gate_head_while_its_dla_is_zero():
     assert effect[1].abs().max() == 0  # layer 1's heads are all zero
     found = find_gate_heads(effect, heads_dla, total=float(dla["total"].mean()))
     assert [(row["layer"], row["head"]) for row in found] == [(0, 0)]
+    assert planted_gate()["found"] == found  # the README's validation computes the same
 
 
 def test_gate_values_are_per_head_means_and_nan_without_a_gate():

@@ -10,6 +10,7 @@ from .hooks import (
     Site,
     capture,
     hooked,
+    layers_of,
     mean_heads,
     replace_all,
     replace_heads,
@@ -21,7 +22,7 @@ from .patching import ablate, ablation_scores, activation_patching, path_patchin
 from .probes import Probe, cliff, fit_probe, probe_accuracy, probe_by_position
 
 __all__ = [
-    "Site", "ModelLayers", "hooked", "capture", "run_with", "zero_heads", "replace_heads", "mean_heads",
+    "Site", "ModelLayers", "layers_of", "hooked", "capture", "run_with", "zero_heads", "replace_heads", "mean_heads",
     "replace_all", "ablation_scores", "ablate", "activation_patching", "path_patching",
     "direct_logit_attribution", "gate_values", "find_gate_heads", "mean_backward_distance", "head_groups",
     "waad", "fai", "contrast", "contrast_mask", "uniform_attention", "sample_losses", "attention_influence",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .hooks import ModelLayers, Site, capture
+from .hooks import Site, capture, layers_of
 
 
 def _readout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -37,31 +37,42 @@ def _linearised_norm(norm: nn.Module, x_final: torch.Tensor):
 
 
 @torch.no_grad()
-def direct_logit_attribution(model, idx: torch.Tensor, target, other, position: int = -1) -> dict:
+def direct_logit_attribution(model, idx: torch.Tensor, target, other, position=-1) -> dict:
     """Each component's direct effect on ``logit[target] - logit[other]`` at ``position`` (How Alignment
     Routes, DLA: c_h = W_O[:, h-slice] z_h, through the final norm linearised at the actual final stream).
 
-    idx (B, T) token ids; target / other: ints or (B,) ids. The final residual stream is the embedding plus,
+    idx (B, T) token ids; target / other: ints or (B,) ids; position: an int, or (B,) positions (one per
+    row). The final residual stream is the embedding plus,
     per layer, each head's c_h, the output projection's bias and the MLP output, so with the norm frozen
     these terms sum to the logit difference exactly (plus the norm's and unembedding's biases, if any).
     Returns {"heads": (B, L, H), "embed": (B,), "bias": (B, L), "mlp": (B, L) (NaN without an MLP
     module), "other": (B,) (norm / unembedding biases), "total": (B,) the model's logit difference}.
     """
-    layers = ModelLayers(model)
+    layers = layers_of(model)
+    model = layers.model
     norm, unembed = _readout(model)
     L = len(layers)
     has_mlp = all(isinstance(getattr(b, "mlp", None), nn.Module) for b in layers.blocks)
     sites = [Site("heads", i) for i in range(L)] + [Site("resid", 0), Site("resid", L)]
     sites += [Site("mlp", i) for i in range(L)] if has_mlp else []
     out, cache = capture(layers, lambda: model(idx), sites)
-    logits = (out[0] if isinstance(out, tuple) else out.logits)[:, position].float()  # (B, vocab)
     B = idx.shape[0]
-    target, other = (torch.as_tensor(t).expand(B) for t in (target, other))
     rows = torch.arange(B)
+    if isinstance(position, int):
+        position = torch.full((B,), position)
+    position = torch.as_tensor(position)
+    if position.shape != (B,):
+        raise ValueError(f"position must be an int or (B={B},) positions, got shape {tuple(position.shape)}")
+
+    def at(t: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, ...) at each row's position
+        return t[rows, position]
+
+    logits = at(out[0] if isinstance(out, tuple) else out.logits).float()  # (B, vocab)
+    target, other = (torch.as_tensor(t).expand(B) for t in (target, other))
     total = logits[rows, target] - logits[rows, other]
     W_U = unembed.weight.float()
     direction = W_U[target] - W_U[other]  # (B, d)
-    frozen = _linearised_norm(norm, cache[Site("resid", L)][:, position])
+    frozen = _linearised_norm(norm, at(cache[Site("resid", L)]))
 
     def project(c: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B,)
         return (frozen(c.float()) * direction).sum(-1)
@@ -70,7 +81,7 @@ def direct_logit_attribution(model, idx: torch.Tensor, target, other, position: 
     bias = torch.zeros(B, L)
     mlp = torch.full((B, L), float("nan"))
     for i, mixer in enumerate(layers.mixers):
-        z = cache[Site("heads", i)][:, position].float()  # (B, H, Dv)
+        z = at(cache[Site("heads", i)]).float()  # (B, H, Dv)
         W_O = mixer.o_proj.weight.float().unflatten(1, (layers.n_heads[i], -1))  # (d, H, Dv)
         heads[:, i, : layers.n_heads[i]] = torch.stack(
             [project(z[:, h] @ W_O[:, h].T) for h in range(layers.n_heads[i])], dim=1
@@ -78,8 +89,8 @@ def direct_logit_attribution(model, idx: torch.Tensor, target, other, position: 
         if mixer.o_proj.bias is not None:
             bias[:, i] = project(mixer.o_proj.bias.float().expand(B, -1))
         if has_mlp:
-            mlp[:, i] = project(cache[Site("mlp", i)][:, position])
-    embed = project(cache[Site("resid", 0)][:, position])
+            mlp[:, i] = project(at(cache[Site("mlp", i)]))
+    embed = project(at(cache[Site("resid", 0)]))
     rest = torch.zeros(B)
     if getattr(norm, "bias", None) is not None:
         rest += (norm.bias.float() * direction).sum(-1)
@@ -93,7 +104,7 @@ def gate_values(model, run) -> torch.Tensor:
 
     A gate of shape (B, T, H) or (B, T, H, D) (headwise or elementwise) is averaged over all but the head
     axis; layers whose mixer gives no "gate" internals stay NaN."""
-    layers = ModelLayers(model)
+    layers = layers_of(model)
     result = torch.full((len(layers), max(layers.n_heads)), float("nan"))
     for i, H in enumerate(layers.n_heads):
         try:

@@ -84,6 +84,11 @@ class ModelLayers:
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
+def layers_of(model) -> ModelLayers:
+    """The layout of ``model`` (a model, or a ModelLayers already made for it)."""
+    return model if isinstance(model, ModelLayers) else ModelLayers(model)
+
+
 def _first(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
@@ -111,7 +116,7 @@ def hooked(
     records the edited value). An edit is a function of the site's tensor returning a tensor of the same
     shape (``heads``: (B, T, H, Dv)); ``attn`` and ``gate`` are read only.
     """
-    layers = model if isinstance(model, ModelLayers) else ModelLayers(model)
+    layers = layers_of(model)
     edits = dict(edits or {})
     read = tuple(read)
     for site in (*read, *edits):
@@ -265,6 +270,7 @@ def replace_all(source: torch.Tensor) -> Edit:
 __all__ = [
     "Site",
     "ModelLayers",
+    "layers_of",
     "hooked",
     "capture",
     "run_with",

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gatelab.mixers._attention import AttentionMixer
 
-from .hooks import ModelLayers, Site, hooked
+from .hooks import Site, hooked, layers_of
 
 IGNORE = -100
 
@@ -35,7 +35,7 @@ def uniform_attention(model, run, heads: dict[int, list[int]]):
     causal mask; we take the visible length). Its output is then the prefix mean of its values. Only plain
     causal softmax heads (the output is P @ V) are accepted: a gate or a value change would make this
     something else."""
-    layers = ModelLayers(model)
+    layers = layers_of(model)
     values: dict[int, torch.Tensor] = {}
     handles = []
     for i in heads:

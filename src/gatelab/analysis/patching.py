@@ -10,7 +10,17 @@ from collections.abc import Callable
 
 import torch
 
-from .hooks import ModelLayers, Site, capture, mean_heads, replace_all, replace_heads, run_with, zero_heads
+from .hooks import (
+    ModelLayers,
+    Site,
+    capture,
+    layers_of,
+    mean_heads,
+    replace_all,
+    replace_heads,
+    run_with,
+    zero_heads,
+)
 
 Metric = Callable[[object], float | torch.Tensor]  # the run's output -> a number (e.g. a logit difference)
 
@@ -39,7 +49,7 @@ def ablation_scores(model, run, metric: Metric, mode: str = "zero", reference=No
     (``reference``: a run of the reference prompts; the mean is over batch and positions). Returns {"clean":
     float, "scores": (L, H) tensor}.
     """
-    layers = ModelLayers(model)
+    layers = layers_of(model)
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
     if mode == "mean":
@@ -61,7 +71,7 @@ def ablation_scores(model, run, metric: Metric, mode: str = "zero", reference=No
 
 def ablate(model, run, heads: dict[int, list[int]], mode: str = "zero", reference=None):
     """run()'s output with several heads ablated at once: ``heads`` maps a layer to its head indices."""
-    layers = ModelLayers(model)
+    layers = layers_of(model)
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
     ref = {}
@@ -89,7 +99,7 @@ def activation_patching(model, clean, corrupt, metric: Metric, per: str = "head"
     "corrupt": floats, "patched": tensor, "normalized": (patched - corrupt) / (clean - corrupt)} (1 =
     the patch restores the clean metric, 0 = no effect; NaN where clean == corrupt).
     """
-    layers = ModelLayers(model)
+    layers = layers_of(model)
     if per not in ("head", "layer", "position"):
         raise ValueError(f"per must be 'head', 'layer' or 'position', got {per!r}")
     kind = "resid" if per == "position" else "heads"
@@ -142,7 +152,7 @@ def path_patching(model, clean, corrupt, metric: Metric, sender: tuple[int, int]
     path sender -> output through no other head, read from step 2). Returns {"clean": metric of the clean
     run, "patched": metric after the patch, "effect": patched - clean}.
     """
-    layers = ModelLayers(model)
+    layers = layers_of(model)
     s_layer, s_head = sender
     if not 0 <= s_layer < len(layers) or not 0 <= s_head < layers.n_heads[s_layer]:
         raise ValueError(f"sender must be (layer, head) of this model, got {sender}")
