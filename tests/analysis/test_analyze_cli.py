@@ -17,8 +17,15 @@ TASK = {"vocab_size": 40, "seq_len": 16, "num_kv_pairs": 2}
 @pytest.fixture
 def run(tmp_path):
     model = LM(LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, seed=0))
-    config = TrainConfig(steps=2, batch_size=4, warmup=1, eval_every=0, eval_batches=1, progress=False,
-                         out_dir=str(tmp_path / "models" / "a"))  # fmt: skip
+    config = TrainConfig(
+        steps=2,
+        batch_size=4,
+        warmup=1,
+        eval_every=0,
+        eval_batches=1,
+        progress=False,
+        out_dir=str(tmp_path / "models" / "a"),
+    )
     train(model, make_task("mqar", **TASK), config)
     return tmp_path
 
@@ -50,8 +57,9 @@ def test_the_encoder_bridge_reproduces_bert_and_exposes_its_heads():
     from gatelab.hf.encoder import patch_encoder
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                                     intermediate_size=64, vocab_size=50)  # fmt: skip
+    config = transformers.BertConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, vocab_size=50
+    )
     reference = transformers.BertModel(config).eval()
     patched = transformers.BertModel(config).eval()
     patched.load_state_dict(reference.state_dict())

@@ -37,8 +37,14 @@ def test_dla_sums_to_the_logit_difference_on_a_patched_transformers_model():
     from gatelab.hf import patch
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=64, num_hidden_layers=2, vocab_size=64)  # fmt: skip
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=64,
+    )
     model = patch(transformers.AutoModelForCausalLM.from_config(config).eval(), "softmax")
     idx = torch.randint(64, (2, 6))
     result = direct_logit_attribution(model, idx, 3, 4)

@@ -21,8 +21,9 @@ from gatelab.lab.models.lm import LM, LMConfig
 
 
 def tiny(pattern="softmax", n_layers=2, **options):
-    return LM(LMConfig(vocab_size=16, d_model=16, n_layers=n_layers, n_heads=2, pattern=pattern, seed=0,
-                       **options)).eval()  # fmt: skip
+    return LM(
+        LMConfig(vocab_size=16, d_model=16, n_layers=n_layers, n_heads=2, pattern=pattern, seed=0, **options)
+    ).eval()
 
 
 def prompts(seed=0, B=3, T=7):
@@ -187,12 +188,20 @@ def test_gates_are_read_on_a_gated_mixer_and_linear_mixers_give_their_matrix():
         (lambda lm: Site("logits", 0), "kind must be"),
         (lambda lm: ModelLayers(torch.nn.Linear(2, 2)), "no gatelab mixer"),
         (lambda lm: ablation_scores(lm, lambda: lm(prompts()), last_logit_diff, mode="mean"), "reference"),
-        (lambda lm: activation_patching(lm, lambda: lm(prompts()), lambda: lm(prompts(T=5)), last_logit_diff),
-         "same length"),
-        (lambda lm: path_patching(lm, lambda: lm(prompts()), lambda: lm(prompts()), last_logit_diff, (1, 0),
-                                  [(0, 1)]), "after the sender"),
+        (
+            lambda lm: activation_patching(
+                lm, lambda: lm(prompts()), lambda: lm(prompts(T=5)), last_logit_diff
+            ),
+            "same length",
+        ),
+        (
+            lambda lm: path_patching(
+                lm, lambda: lm(prompts()), lambda: lm(prompts()), last_logit_diff, (1, 0), [(0, 1)]
+            ),
+            "after the sender",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_are_refused_with_a_clear_message(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call(tiny())

@@ -83,8 +83,9 @@ def contrast(task: torch.Tensor, general: torch.Tensor, eps: float = 1e-6) -> to
     we use the relative-attention ratio, which is invariant to a per-token noise factor that both maps share
     and monotone in A_task when A_general is uniform. task / general: the same shape (..., S)."""
     if task.shape != general.shape:
-        raise ValueError(f"task and general maps must have one shape, got {tuple(task.shape)} and "
-                         f"{tuple(general.shape)}")  # fmt: skip
+        raise ValueError(
+            f"task and general maps must have one shape, got {tuple(task.shape)} and {tuple(general.shape)}"
+        )
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     return task.float() / (general.float() + eps)

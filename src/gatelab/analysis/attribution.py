@@ -16,13 +16,16 @@ def _readout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         return model.norm, model.head
     if hasattr(model, "get_output_embeddings") and hasattr(getattr(model, "base_model", None), "norm"):
         return model.base_model.norm, model.get_output_embeddings()
-    raise TypeError(f"{type(model).__name__}: no final norm + unembedding found; DLA needs a gatelab LM or a "
-                    "transformers causal LM with base_model.norm")  # fmt: skip
+    raise TypeError(
+        f"{type(model).__name__}: no final norm + unembedding found; DLA needs a gatelab LM or a "
+        "transformers causal LM with base_model.norm"
+    )
 
 
 def _linearised_norm(norm: nn.Module, x_final: torch.Tensor):
     """The final norm frozen at the reference stream ``x_final`` (B, d): c -> its linear part. RMSNorm:
-    c * gamma / rms(x_final); LayerNorm: (c - mean c) * gamma / std(x_final) (its bias is a term of its own)."""
+    c * gamma / rms(x_final); LayerNorm: (c - mean c) * gamma / std(x_final) (its bias is a term of its
+    own)."""
     x = x_final.float()
     weight = norm.weight.float() if getattr(norm, "weight", None) is not None else 1.0
     eps = norm.eps if getattr(norm, "eps", None) is not None else torch.finfo(torch.float32).eps
@@ -118,8 +121,9 @@ def gate_values(model, run) -> torch.Tensor:
     return result
 
 
-def find_gate_heads(effect: torch.Tensor, dla: torch.Tensor, total: float, effect_share: float = 0.5,
-                    dla_share: float = 0.1) -> list[dict]:  # fmt: skip
+def find_gate_heads(
+    effect: torch.Tensor, dla: torch.Tensor, total: float, effect_share: float = 0.5, dla_share: float = 0.1
+) -> list[dict]:
     """Heads whose causal effect is large while their direct logit attribution is small (How Alignment
     Routes: the gate head carries < 1% of the output DLA yet is necessary).
 
@@ -130,8 +134,9 @@ def find_gate_heads(effect: torch.Tensor, dla: torch.Tensor, total: float, effec
     reports the shares, not a rule). Returns dicts (layer, head, effect, dla), largest effect first.
     """
     if effect.shape != dla.shape or effect.ndim != 2:
-        raise ValueError(f"effect and dla must be (L, H) of one shape, got {tuple(effect.shape)} and "
-                         f"{tuple(dla.shape)}")  # fmt: skip
+        raise ValueError(
+            f"effect and dla must be (L, H) of one shape, got {tuple(effect.shape)} and {tuple(dla.shape)}"
+        )
     for name, share in (("effect_share", effect_share), ("dla_share", dla_share)):
         if not 0 <= share <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {share}")

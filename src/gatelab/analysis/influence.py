@@ -41,8 +41,10 @@ def uniform_attention(model, run, heads: dict[int, list[int]]):
     for i in heads:
         mixer = layers.mixers[i]
         if not _plain_softmax(mixer):
-            raise TypeError(f"layer {i} ({type(mixer).__name__}) is not a plain causal softmax mixer; uniform "
-                            "attention masking needs the output to be P @ V")  # fmt: skip
+            raise TypeError(
+                f"layer {i} ({type(mixer).__name__}) is not a plain causal softmax mixer; uniform "
+                "attention masking needs the output to be P @ V"
+            )
         handles.append(mixer.v_proj.register_forward_hook(lambda m, a, out, i=i: values.__setitem__(i, out)))
 
     def edit_for(i: int):

@@ -108,8 +108,10 @@ def activation_patching(model, clean, corrupt, metric: Metric, per: str = "head"
     corrupt_out, other = capture(layers, corrupt, sites)
     for site in sites:
         if cache[site].shape != other[site].shape:
-            raise ValueError(f"clean and corrupt runs differ in shape at {site}: {tuple(cache[site].shape)} vs "
-                             f"{tuple(other[site].shape)}; patch prompts of the same length")  # fmt: skip
+            raise ValueError(
+                f"clean and corrupt runs differ in shape at {site}: {tuple(cache[site].shape)} vs "
+                f"{tuple(other[site].shape)}; patch prompts of the same length"
+            )
     m_clean, m_corrupt = _value(metric, clean_out), _value(metric, corrupt_out)
 
     def patched(edits) -> float:
@@ -159,8 +161,9 @@ def path_patching(model, clean, corrupt, metric: Metric, sender: tuple[int, int]
     receivers = [] if receivers is None else [tuple(r) for r in receivers]
     for r_layer, r_head in receivers:
         if not s_layer < r_layer < len(layers) or not 0 <= r_head < layers.n_heads[r_layer]:
-            raise ValueError(f"receiver {(r_layer, r_head)} must be a (layer, head) after the sender's layer "
-                             f"{s_layer}")  # fmt: skip
+            raise ValueError(
+                f"receiver {(r_layer, r_head)} must be a (layer, head) after the sender's layer {s_layer}"
+            )
     sites = [Site("heads", i) for i in range(len(layers))]
     clean_out, cache = capture(layers, clean, sites)
     _, other = capture(layers, corrupt, sites)

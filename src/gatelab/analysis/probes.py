@@ -24,8 +24,9 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3, st
     """Logistic regression by L-BFGS on features (N, d), labels (N,) in {0, 1}; loss = mean BCE + l2 |w|^2.
     Features are used as given (no standardisation), so the probe reads the stream directly."""
     if features.ndim != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(f"features must be (N, d) and labels (N,), got {tuple(features.shape)} and "
-                         f"{tuple(labels.shape)}")  # fmt: skip
+        raise ValueError(
+            f"features must be (N, d) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}"
+        )
     if not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError("labels must be 0 or 1")
     x, y = features.detach().float(), labels.float()

@@ -15,8 +15,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "run", nargs="?", default=None, help="a model folder or a gatelab compare/train run folder"
     )
     parser.add_argument("--hf", default=None, help="a transformers checkpoint folder instead of a run")
-    parser.add_argument("--planted", action="store_true",
-                        help="run the planted-truth validation (trains a small MQAR LM; needs --out)")  # fmt: skip
+    parser.add_argument(
+        "--planted",
+        action="store_true",
+        help="run the planted-truth validation (trains a small MQAR LM; needs --out)",
+    )
     parser.add_argument("--out", default=None, help="report folder (default: <model folder>/analysis)")
     parser.add_argument(
         "--models", default="*", help="in a run folder, only model folders matching this glob"
@@ -64,7 +67,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     else:
         from gatelab.lab.analyze import analyze_run
 
-        analyze_run(args.run, args.out, models=args.models, task=args.task, corpus=args.corpus,
-                    batches=args.batches, batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite,
-                    say=say)  # fmt: skip
+        analyze_run(
+            args.run,
+            args.out,
+            models=args.models,
+            task=args.task,
+            corpus=args.corpus,
+            batches=args.batches,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            say=say,
+        )
     return 0

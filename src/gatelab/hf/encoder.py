@@ -14,7 +14,8 @@ from .convert import from_hf_attention
 
 class EncoderSelfAttention(nn.Module):
     """Stands where BertAttention calls ``self``: the gatelab mixer (q/k/v, bidirectional softmax and the
-    output dense as its o_proj); BertSelfOutput's own dense becomes the identity, its residual LayerNorm stays.
+    output dense as its o_proj); BertSelfOutput's own dense becomes the identity, its residual LayerNorm
+    stays.
     Padding is not folded in: an attention mask that hides a key is refused (run unpadded sentences)."""
 
     def __init__(self, mixer: nn.Module):
@@ -25,8 +26,9 @@ class EncoderSelfAttention(nn.Module):
         if attention_mask is not None:
             hidden = attention_mask < 0 if attention_mask.dtype != torch.bool else ~attention_mask
             if bool(hidden.any()):
-                raise ValueError("EncoderSelfAttention takes no padding mask: run sentences one at a time or "
-                                 "of one length")  # fmt: skip
+                raise ValueError(
+                    "EncoderSelfAttention takes no padding mask: run sentences one at a time or of one length"
+                )
         return self.mixer(hidden_states)[0], None
 
 

@@ -89,7 +89,10 @@ def _attention(model, inputs, n_layers: int, n_heads: int) -> dict:
         pairs = [(i, h) for i in maps for h in range(n_heads)]
         flat = torch.stack([distance[i, h] for i, h in pairs])
         local, far = head_groups(flat)
-        mean_map = lambda group: torch.stack([maps[pairs[g][0]][:, pairs[g][1]] for g in group]).mean(0)  # noqa: E731
+
+        def mean_map(group: list[int]) -> torch.Tensor:  # (B, T, S): the mean map of a group of heads
+            return torch.stack([maps[pairs[g][0]][:, pairs[g][1]] for g in group]).mean(0)
+
         T = inputs.shape[1]
         result["waad"] = waad(mean_map(local.tolist())).mean(0)  # (T,)
         result["fai"] = fai(mean_map(far.tolist()), low=min(10, T - 1), high=100).nanmean(0)
@@ -100,7 +103,8 @@ def _attention(model, inputs, n_layers: int, n_heads: int) -> dict:
 
 @torch.no_grad()
 def analyze_lm(model, inputs: torch.Tensor, targets: torch.Tensor, corrupt: torch.Tensor) -> dict:
-    """The head report of a gatelab LM (or a transformers causal LM patched by gatelab.hf) on labelled batches: inputs / targets (B, T) (IGNORE: no label) and
+    """The head report of a gatelab LM (or a transformers causal LM patched by gatelab.hf) on labelled
+    batches: inputs / targets (B, T) (IGNORE: no label) and
     ``corrupt`` (B, T), other prompts of the task (the interchange's corrupted run and the mean-ablation
     reference). Every (L, H) entry is a tensor; see the module docstring."""
     model.eval()
@@ -129,8 +133,9 @@ def analyze_lm(model, inputs: torch.Tensor, targets: torch.Tensor, corrupt: torc
         _logit_difference(target, other, position),
     )
     result["interchange_logit_difference"] = patched_diff["patched"] - patched_diff["corrupt"]
-    result["gate_heads"] = find_gate_heads(result["interchange_logit_difference"], result["dla"],
-                                           result["logit_difference"])  # fmt: skip
+    result["gate_heads"] = find_gate_heads(
+        result["interchange_logit_difference"], result["dla"], result["logit_difference"]
+    )
     result["gate_values"] = gate_values(model, run)
     result["attention"] = _attention(model, inputs, L, H)
     top = _top_heads(result["zero_loss"], share=0.05)
@@ -185,8 +190,10 @@ def _head_table(values: torch.Tensor, fmt: str = "+.3f") -> str:
 
 def _maps(result: dict) -> list[tuple[str, torch.Tensor]]:
     maps = [(title, result[key]) for key, title in HEAT_MAPS]
-    maps += [("mean backward distance", result["attention"]["distance"]),
-             ("attention on the first token", result["attention"]["sink"])]  # fmt: skip
+    maps += [
+        ("mean backward distance", result["attention"]["distance"]),
+        ("attention on the first token", result["attention"]["sink"]),
+    ]
     if not torch.isnan(result["gate_values"]).all():
         maps.append(("mean gate value", result["gate_values"]))
     return maps
@@ -201,13 +208,19 @@ def plot_heads(result: dict, path: Path) -> Path:
 
     maps = _maps(result)
     cols = 3
-    fig, axes = plt.subplots(-(-len(maps) // cols), cols, figsize=(4.2 * cols, 3.0 * -(-len(maps) // cols)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        -(-len(maps) // cols), cols, figsize=(4.2 * cols, 3.0 * -(-len(maps) // cols)), squeeze=False
+    )
     for ax, (title, values) in zip(axes.flat, maps):
         signed = bool((values.nan_to_num(0) < 0).any())
         bound = float(values.nan_to_num(0).abs().max()) or 1.0  # signed maps: 0 is the middle colour
-        shown = ax.imshow(values.numpy(), cmap="coolwarm" if signed else "viridis", aspect="auto",
-                          vmin=-bound if signed else None, vmax=bound if signed else None)  # fmt: skip
+        shown = ax.imshow(
+            values.numpy(),
+            cmap="coolwarm" if signed else "viridis",
+            aspect="auto",
+            vmin=-bound if signed else None,
+            vmax=bound if signed else None,
+        )
         ax.set_title(title, fontsize=8)
         ax.set_xlabel("head", fontsize=7)
         ax.set_ylabel("layer", fontsize=7)
@@ -246,10 +259,17 @@ def plot_attention(result: dict, path: Path) -> Path | None:
 
 def report_markdown(name: str, result: dict, seconds: float) -> str:
     base = result["base"]
-    lines = [f"# Head analysis: {name}", "",
-             f"Base loss {base['loss']:.4f}, accuracy {base['accuracy']:.4f}; mean logit difference (target vs the "
-             f"best other token at each row's last labelled position) {result['logit_difference']:.3f}. "
-             f"Analysis took {seconds:.1f} s.", "", "![heads](heads.png)", ""]  # fmt: skip
+    lines = [
+        f"# Head analysis: {name}",
+        "",
+        f"Base loss {base['loss']:.4f}, accuracy {base['accuracy']:.4f}; mean logit difference "
+        "(target vs the "
+        f"best other token at each row's last labelled position) {result['logit_difference']:.3f}. "
+        f"Analysis took {seconds:.1f} s.",
+        "",
+        "![heads](heads.png)",
+        "",
+    ]
     for title, values in _maps(result):
         lines += [f"## {title}", "", _head_table(values), ""]
     gate = result["gate_heads"]
@@ -260,13 +280,25 @@ def report_markdown(name: str, result: dict, seconds: float) -> str:
     lines += ["- none" if not gate else "", ""]
     attention = result["attention"]
     if attention["waad"] is not None:
-        lines += ["## WAAD / FAI", "", f"local heads {attention['local_heads']}, global heads "
-                  f"{attention['global_heads']}; mean WAAD {float(attention['waad'].mean()):.3f}, mean FAI "
-                  f"{float(attention['fai'].nanmean()):.4f}", "", "![attention](attention.png)", ""]  # fmt: skip
+        lines += [
+            "## WAAD / FAI",
+            "",
+            f"local heads {attention['local_heads']}, global heads "
+            f"{attention['global_heads']}; mean WAAD {float(attention['waad'].mean()):.3f}, mean FAI "
+            f"{float(attention['fai'].nanmean()):.4f}",
+            "",
+            "![attention](attention.png)",
+            "",
+        ]
     if "attention_influence" in result:
         ai = result["attention_influence"]
-        lines += ["## AttentionInfluence", "", f"heads {ai['heads']} (top 5% by zero-ablation loss change) made "
-                  f"uniform: mean score {ai['mean']:+.4f}, max {ai['max']:+.4f}", ""]  # fmt: skip
+        lines += [
+            "## AttentionInfluence",
+            "",
+            f"heads {ai['heads']} (top 5% by zero-ablation loss change) made "
+            f"uniform: mean score {ai['mean']:+.4f}, max {ai['max']:+.4f}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -292,9 +324,19 @@ def tensors_to_lists(obj):
     return obj
 
 
-def analyze_run(run: str | Path, out: str | Path | None = None, *, models: str = "*", task: str | None = None,
-                corpus: str | None = None, batches: int = 2, batch_size: int = 16, seed: int = 0,
-                overwrite: bool = False, say=print) -> list[Path]:  # fmt: skip
+def analyze_run(
+    run: str | Path,
+    out: str | Path | None = None,
+    *,
+    models: str = "*",
+    task: str | None = None,
+    corpus: str | None = None,
+    batches: int = 2,
+    batch_size: int = 16,
+    seed: int = 0,
+    overwrite: bool = False,
+    say=print,
+) -> list[Path]:
     """Analyse every saved model of a run folder (or one model folder); one report per model, in
     ``out/<model>/`` (default: ``<model folder>/analysis``). Returns the report paths."""
     from gatelab.lab.inspect import check_inside, find_model_dirs, task_of

@@ -70,9 +70,15 @@ def encoder_sinks(model, tokenizer, sentences=SENTENCES, k: int = 6, seed: int =
             total += float(1 - (clean * ablated).sum()) / len(encoded)
         return total
 
-    return {"cls": cls, "sep": sep, "top": [divmod(j, H) for j in top], "bottom": [divmod(j, H) for j in bottom],
-            "change_top": change(top), "change_bottom": change(bottom),
-            "change_random": sum(change(d) for d in draws) / len(draws)}  # fmt: skip
+    return {
+        "cls": cls,
+        "sep": sep,
+        "top": [divmod(j, H) for j in top],
+        "bottom": [divmod(j, H) for j in bottom],
+        "change_top": change(top),
+        "change_bottom": change(bottom),
+        "change_random": sum(change(d) for d in draws) / len(draws),
+    }
 
 
 def encoder_markdown(name: str, result: dict, seconds: float) -> str:
@@ -83,18 +89,32 @@ def encoder_markdown(name: str, result: dict, seconds: float) -> str:
             header, [[str(i)] + [f"{float(v):.2f}" for v in row] for i, row in enumerate(values)]
         )
 
-    return "\n".join([
-        f"# Sink heads: {name}", "", f"Analysis took {seconds:.1f} s over {result['sentences']} sentences.", "",
-        "## attention mass on [CLS] (first token)", "", table(result["cls"]), "",
-        "## attention mass on [SEP] (last token)", "", table(result["sep"]), "",
-        "## zero-ablating k heads together: sentence-embedding change (1 - cosine)", "",
-        f"- the {len(result['top'])} heads with the most [CLS] + [SEP] mass {result['top']}: "
-        f"{result['change_top']:.4f}",
-        f"- the {len(result['bottom'])} with the least {result['bottom']}: {result['change_bottom']:.4f}",
-        f"- {len(result['top'])} random others (mean of 5 draws): {result['change_random']:.4f}", "",
-        "The checkpoint has no masked-LM head, so the effect is read on the sentence embedding "
-        "(mean pooling, L2-normalised, as the model is used), not on a masked-LM loss.", "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"# Sink heads: {name}",
+            "",
+            f"Analysis took {seconds:.1f} s over {result['sentences']} sentences.",
+            "",
+            "## attention mass on [CLS] (first token)",
+            "",
+            table(result["cls"]),
+            "",
+            "## attention mass on [SEP] (last token)",
+            "",
+            table(result["sep"]),
+            "",
+            "## zero-ablating k heads together: sentence-embedding change (1 - cosine)",
+            "",
+            f"- the {len(result['top'])} heads with the most [CLS] + [SEP] mass {result['top']}: "
+            f"{result['change_top']:.4f}",
+            f"- the {len(result['bottom'])} with the least {result['bottom']}: {result['change_bottom']:.4f}",
+            f"- {len(result['top'])} random others (mean of 5 draws): {result['change_random']:.4f}",
+            "",
+            "The checkpoint has no masked-LM head, so the effect is read on the sentence embedding "
+            "(mean pooling, L2-normalised, as the model is used), not on a masked-LM loss.",
+            "",
+        ]
+    )
 
 
 def text_rows(tokenizer, text: str, seq_len: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,16 +122,26 @@ def text_rows(tokenizer, text: str, seq_len: int, rows: int) -> tuple[torch.Tens
     ids = torch.tensor(tokenizer(text)["input_ids"])
     need = rows * seq_len + 1
     if len(ids) < need + seq_len:
-        raise ValueError(f"the text has {len(ids)} tokens; {rows} rows of {seq_len} (and one more row for the "
-                         f"corrupted run) need {need + seq_len}")  # fmt: skip
+        raise ValueError(
+            f"the text has {len(ids)} tokens; {rows} rows of {seq_len} (and one more row for the "
+            f"corrupted run) need {need + seq_len}"
+        )
     windows = ids[: need + seq_len]
     inputs = windows[: rows * seq_len].view(rows, seq_len)
     targets = windows[1 : rows * seq_len + 1].view(rows, seq_len)
     return inputs, targets
 
 
-def analyze_hf(path: str | Path, out: str | Path, *, text: str | Path | None = None, seq_len: int = 64,
-               rows: int = 8, overwrite: bool = False, say=print) -> Path:  # fmt: skip
+def analyze_hf(
+    path: str | Path,
+    out: str | Path,
+    *,
+    text: str | Path | None = None,
+    seq_len: int = 64,
+    rows: int = 8,
+    overwrite: bool = False,
+    say=print,
+) -> Path:
     """Analyse a transformers checkpoint folder; the report goes to ``out``."""
     from gatelab.hf.encoder import load_for_analysis
 

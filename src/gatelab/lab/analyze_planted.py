@@ -62,8 +62,12 @@ def planted_gate() -> dict:
     effect = patched["patched"] - patched["corrupt"]
     dla = direct_logit_attribution(lm, GATE_CLEAN, 1, 2)
     heads_dla, total = dla["heads"].mean(0), float(dla["total"].mean())
-    return {"effect": effect, "dla": heads_dla, "total": total,
-            "found": find_gate_heads(effect, heads_dla, total)}  # fmt: skip
+    return {
+        "effect": effect,
+        "dla": heads_dla,
+        "total": total,
+        "found": find_gate_heads(effect, heads_dla, total),
+    }
 
 
 def train_mqar(
@@ -74,8 +78,17 @@ def train_mqar(
     from gatelab.lab.train import TrainConfig, train
 
     model = LM(LMConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, max_seq_len=32, seed=seed))
-    config = TrainConfig(steps=steps, batch_size=64, lr=1e-3, warmup=100, eval_every=0, seed=seed,
-                         out_dir=None if out_dir is None else str(out_dir), overwrite=overwrite, progress=False)  # fmt: skip
+    config = TrainConfig(
+        steps=steps,
+        batch_size=64,
+        lr=1e-3,
+        warmup=100,
+        eval_every=0,
+        seed=seed,
+        out_dir=None if out_dir is None else str(out_dir),
+        overwrite=overwrite,
+        progress=False,
+    )
     train(model, make_task("mqar", **MQAR), config)
     return model.eval()
 
@@ -113,22 +126,33 @@ def mqar_circuit(model: LM, batches: int = 4, batch_size: int = 32, seed: int = 
             by_layer.setdefault(i, []).append(h)
         return float(accuracy(ablate(model, run, by_layer))) if heads else base
 
-    return {"base": base, "chance": chance, "ablation": ablation["scores"], "interchange": patched["normalized"],
-            "circuit": circuit, "others": others, "without_circuit": accuracy_without(circuit),
-            "without_others": accuracy_without(others), "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "base": base,
+        "chance": chance,
+        "ablation": ablation["scores"],
+        "interchange": patched["normalized"],
+        "circuit": circuit,
+        "others": others,
+        "without_circuit": accuracy_without(circuit),
+        "without_others": accuracy_without(others),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def plot_validation(mqar: dict, gate: dict, path: str | Path) -> Path:
-    """The README figure: MQAR per-head ablation and interchange, and the planted gate head's effect vs DLA."""
+    """The README figure: MQAR per-head ablation and interchange, the planted gate head's effect and DLA."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    panels = [(mqar["ablation"], "MQAR: zero ablation, accuracy change"),
-              (mqar["interchange"], "MQAR: interchange, normalised"),
-              (gate["effect"], "planted gate: interchange effect"), (gate["dla"], "planted gate: DLA")]  # fmt: skip
+    panels = [
+        (mqar["ablation"], "MQAR: zero ablation, accuracy change"),
+        (mqar["interchange"], "MQAR: interchange, normalised"),
+        (gate["effect"], "planted gate: interchange effect"),
+        (gate["dla"], "planted gate: DLA"),
+    ]
     for ax, (values, title) in zip(axes, panels):
         bound = float(values.abs().max()) or 1.0
         shown = ax.imshow(values.numpy(), cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
@@ -137,8 +161,10 @@ def plot_validation(mqar: dict, gate: dict, path: str | Path) -> Path:
         ax.set_ylabel("layer", fontsize=7)
         ax.set_xticks(range(values.shape[1]))
         ax.set_yticks(range(values.shape[0]))
-        for (i, h), v in zip(torch.cartesian_prod(torch.arange(values.shape[0]), torch.arange(values.shape[1])),
-                             values.flatten()):  # fmt: skip
+        for (i, h), v in zip(
+            torch.cartesian_prod(torch.arange(values.shape[0]), torch.arange(values.shape[1])),
+            values.flatten(),
+        ):
             ax.text(int(h), int(i), f"{float(v):+.2f}", ha="center", va="center", fontsize=7)
         fig.colorbar(shown, ax=ax)
     fig.tight_layout()
@@ -171,8 +197,9 @@ def validate(out: Path, steps: int = 1000, overwrite: bool = False, say=print) -
         result = {"mqar": mqar, "gate": gate, "train_seconds": trained}
         atomic_write_json(out / "validation.json", to_json_safe(tensors_to_lists(result)))
     say(
-        f"MQAR: accuracy {mqar['base']:.4f}; circuit {mqar['circuit']} ablated -> {mqar['without_circuit']:.4f} "
-        f"(chance {mqar['chance']:.4f}); the other heads {mqar['others']} ablated -> {mqar['without_others']:.4f}"
+        f"MQAR: accuracy {mqar['base']:.4f}; circuit {mqar['circuit']} ablated -> "
+        f"{mqar['without_circuit']:.4f} (chance {mqar['chance']:.4f}); the other heads {mqar['others']} "
+        f"ablated -> {mqar['without_others']:.4f}"
     )
     say(f"planted gate: found {[(g['layer'], g['head']) for g in gate['found']]}; trained in {trained:.0f} s")
     return result
