@@ -211,3 +211,23 @@ def test_an_edit_of_the_wrong_shape_is_refused():
     lm = tiny()
     with pytest.raises(ValueError, match="must return a tensor of shape"):
         run_with(lm, lambda: lm(prompts()), {Site("heads", 0): lambda x: x[:, :1]})
+
+
+def test_replacing_attention_with_the_models_own_map_changes_nothing():
+    from gatelab.analysis import replace_attention
+
+    lm, idx = tiny(), prompts()
+    _, cache = capture(lm, lambda: lm(idx), [Site("attn", 1)])
+    own = cache[Site("attn", 1)][:, [1]]  # (B, 1, T, T) head 1's probabilities
+    got = replace_attention(lm, lambda: lm(idx), {1: ([1], own)})[0]
+    torch.testing.assert_close(got, lm(idx)[0], rtol=0, atol=1e-5)
+    # all mass on the first token: the head outputs the first position's value everywhere
+    first = torch.zeros(7, 7)
+    first[:, 0] = 1
+    # hooks run in the order they were added: the read, added inside, sees the replaced head
+    run = lambda: capture(lm, lambda: lm(idx), [Site("heads", 0)])  # noqa: E731
+    _, seen = replace_attention(lm, run, {0: ([0], first)})
+    assert torch.allclose(seen[Site("heads", 0)][:, :, 0], seen[Site("heads", 0)][:, :1, 0].expand(-1, 7, -1))
+    with pytest.raises(TypeError, match="plain causal softmax"):
+        gated = tiny("gated_softmax")
+        replace_attention(gated, lambda: gated(idx), {0: ([0], first)})

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from gatelab.mixers._attention import AttentionMixer
 from gatelab.mixers._base import Mixer
 
 KINDS = ("heads", "attn", "gate", "resid", "mlp")
@@ -221,6 +222,62 @@ def _one(site: Site, values: list[torch.Tensor]) -> torch.Tensor:
     return values[0]
 
 
+def plain_softmax(mixer) -> bool:
+    """Whether a mixer's head output is exactly its attention times its values: a causal softmax-family
+    mixer with the base attend (no gate, no clipping, no window), no value change and no cache policy."""
+    kind = type(mixer)
+    return (
+        isinstance(mixer, AttentionMixer)
+        and kind.attend is AttentionMixer.attend
+        and kind.prepare_kv is AttentionMixer.prepare_kv
+        and mixer.cache_policy is None
+        and mixer.config.causal
+    )
+
+
+def replace_attention(model, run: Callable[[], object], maps: dict) -> object:
+    """run()'s output (no grad) with the attention of some heads replaced: ``maps`` is layer -> (heads,
+    probs), probs (..., len(heads), T, T) broadcastable to (B, len(heads), T, T), or a function of T giving
+    it; each listed head outputs probs @ its values. Only plain causal softmax layers (:func:`plain_softmax`)
+    are accepted: there the head output is P @ V, so a replaced P is all it takes."""
+    layers = layers_of(model)
+    values: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in maps:
+        layers.check(Site("heads", i))
+        mixer = layers.mixers[i]
+        if not plain_softmax(mixer):
+            raise TypeError(
+                f"layer {i} ({type(mixer).__name__}) is not a plain causal softmax mixer; replacing "
+                "its attention needs its output to be P @ V"
+            )
+        handles.append(mixer.v_proj.register_forward_hook(lambda m, a, out, i=i: values.__setitem__(i, out)))
+
+    def edit_for(i: int):
+        config = layers.mixers[i].config
+        index, probs = list(maps[i][0]), maps[i][1]
+        _head_index(index, config.n_heads)
+
+        def edit(x):  # x (B, T, H, D)
+            B, T = x.shape[:2]
+            v = values[i].unflatten(-1, (config.kv_heads, config.dim))  # (B, T, Hkv, D)
+            v = v.repeat_interleave(config.n_heads // config.kv_heads, dim=2)[:, :, index]  # (B, T, h, D)
+            p = probs(T) if callable(probs) else probs
+            p = torch.broadcast_to(p.to(v), (B, len(index), T, T))
+            new = x.clone()
+            new[:, :, index] = torch.einsum("bhts,bshd->bthd", p, v).to(x.dtype)
+            return new
+
+        return edit
+
+    try:
+        with torch.no_grad(), hooked(layers, edits={Site("heads", i): edit_for(i) for i in maps}):
+            return run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # Edits ---------------------------------------------------------------------------------------------------
 
 
@@ -278,4 +335,6 @@ __all__ = [
     "replace_heads",
     "mean_heads",
     "replace_all",
+    "plain_softmax",
+    "replace_attention",
 ]

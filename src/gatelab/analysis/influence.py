@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gatelab.mixers._attention import AttentionMixer
-
-from .hooks import Site, hooked, layers_of
+from .hooks import replace_attention
 
 IGNORE = -100
 
@@ -17,56 +15,15 @@ def _logits(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.logits
 
 
-def _plain_softmax(mixer) -> bool:
-    """Whether the head output is exactly attention-weighted values (no gate, no value change, no policy)."""
-    kind = type(mixer)
-    return (
-        isinstance(mixer, AttentionMixer)
-        and kind.attend is AttentionMixer.attend
-        and kind.prepare_kv is AttentionMixer.prepare_kv
-        and mixer.cache_policy is None
-        and mixer.config.causal
-    )
-
-
 def uniform_attention(model, run, heads: dict[int, list[int]]):
     """run()'s output with each listed head's attention set to uniform over its visible (causal) prefix, as
     AttentionInfluence masks its heads: 1/L with L the visible length (the paper leaves L open under a
-    causal mask; we take the visible length). Its output is then the prefix mean of its values. Only plain
-    causal softmax heads (the output is P @ V) are accepted: a gate or a value change would make this
-    something else."""
-    layers = layers_of(model)
-    values: dict[int, torch.Tensor] = {}
-    handles = []
-    for i in heads:
-        mixer = layers.mixers[i]
-        if not _plain_softmax(mixer):
-            raise TypeError(
-                f"layer {i} ({type(mixer).__name__}) is not a plain causal softmax mixer; uniform "
-                "attention masking needs the output to be P @ V"
-            )
-        handles.append(mixer.v_proj.register_forward_hook(lambda m, a, out, i=i: values.__setitem__(i, out)))
+    causal mask; we take the visible length), so the head's output is the prefix mean of its values."""
 
-    def edit_for(i: int):
-        mixer = layers.mixers[i]
-        H, Hkv, D = mixer.config.n_heads, mixer.config.kv_heads, mixer.config.dim
-        index = list(heads[i])
+    def uniform(T: int) -> torch.Tensor:  # (T, T) rows 1 / (t + 1) on the causal prefix
+        return torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]
 
-        def edit(x):  # x (B, T, H, D)
-            v = values[i].unflatten(-1, (Hkv, D)).repeat_interleave(H // Hkv, dim=2)  # (B, T, H, D)
-            count = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)[None, :, None, None]
-            new = x.clone()
-            new[:, :, index] = (v.cumsum(1) / count)[:, :, index].to(x.dtype)
-            return new
-
-        return edit
-
-    try:
-        with torch.no_grad(), hooked(layers, edits={Site("heads", i): edit_for(i) for i in heads}):
-            return run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    return replace_attention(model, run, {i: (list(h), uniform) for i, h in heads.items()})
 
 
 def sample_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,9 @@ from gatelab.analysis import (
     gate_values,
     head_groups,
     mean_backward_distance,
+    plain_softmax,
     waad,
 )
-from gatelab.analysis.influence import _plain_softmax
 from gatelab.lab.rundir import atomic_write_json, atomic_write_text, locked, refuse_existing
 from gatelab.lab.tables import markdown_table, to_json_safe
 from gatelab.lab.tasks._base import IGNORE
@@ -139,7 +139,7 @@ def analyze_lm(model, inputs: torch.Tensor, targets: torch.Tensor, corrupt: torc
     result["gate_values"] = gate_values(model, run)
     result["attention"] = _attention(model, inputs, L, H)
     top = _top_heads(result["zero_loss"], share=0.05)
-    if all(_plain_softmax(layers.mixers[i]) for i, _ in top):
+    if all(plain_softmax(layers.mixers[i]) for i, _ in top):
         heads = {}
         for i, h in top:
             heads.setdefault(i, []).append(h)
