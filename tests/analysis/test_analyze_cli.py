@@ -88,3 +88,21 @@ def test_minilm_sink_heads_are_read_and_ablated(tmp_path):
     assert tuple(result["top"][0]) == divmod(int(total.flatten().argmax()), 12)
     assert result["change_top"] >= 0 and result["change_random"] >= 0
     assert "no masked-LM head" in (tmp_path / "report.md").read_text()
+
+
+def test_the_head_report_runs_on_a_patched_transformers_causal_lm():
+    transformers = pytest.importorskip("transformers")
+    from gatelab.hf import patch
+    from gatelab.lab.analyze import analyze_lm
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, num_hidden_layers=2, vocab_size=64)  # fmt: skip
+    model = patch(transformers.AutoModelForCausalLM.from_config(config).eval(), "softmax")
+    inputs = torch.randint(64, (4, 12))
+    targets = inputs.roll(-1, dims=1)
+    targets[:, -1] = -100
+    result = analyze_lm(model, inputs, targets, torch.randint(64, (4, 12)))
+    assert result["zero_loss"].shape == (2, 4) and torch.isfinite(result["dla"]).all()
+    assert result["attention"]["distance"].shape == (2, 4)
+    assert "attention_influence" in result  # plain softmax layers: the heads can be made uniform
