@@ -46,21 +46,24 @@ def patch_encoder(model: nn.Module) -> nn.Module:
 
 
 def load_for_analysis(path: str | Path):
-    """(model, tokenizer, kind) from a transformers checkpoint folder: a gatelab-patched checkpoint as
-    load_patched builds it, any other causal LM patched with ``softmax`` (the same weights), a BERT encoder
-    through :func:`patch_encoder`. kind is "causal" or "encoder"."""
+    """(model, tokenizer, kind) from a local transformers checkpoint (a folder or an alias of
+    :data:`gatelab.hf.checkpoint.ALIASES`; never downloaded): a gatelab-patched checkpoint as load_patched
+    builds it, any other causal LM patched with ``softmax`` (the same weights), a BERT encoder through
+    :func:`patch_encoder`. kind is "causal" or "encoder"."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import resolve_checkpoint
     from .patch import CONFIG_KEY, load_patched, patch
 
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path = resolve_checkpoint(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if getattr(config, CONFIG_KEY, None):
         return load_patched(path), tokenizer, "causal"
     if any(a.endswith("ForCausalLM") for a in config.architectures or []):
-        return patch(AutoModelForCausalLM.from_pretrained(path).eval(), "softmax"), tokenizer, "causal"
-    return patch_encoder(AutoModel.from_pretrained(path)), tokenizer, "encoder"
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        return patch(model, "softmax"), tokenizer, "causal"
+    return patch_encoder(AutoModel.from_pretrained(path, local_files_only=True)), tokenizer, "encoder"
 
 
 __all__ = ["EncoderSelfAttention", "patch_encoder", "load_for_analysis"]

@@ -152,7 +152,9 @@ def load_patched(path: str | Path, **model_options):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    if not (path / "config.json").is_file():  # a local folder only: never a hub name to download
+        raise ValueError(f"{str(path)!r} is not a saved checkpoint folder (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     record = getattr(config, CONFIG_KEY, None)
     if not record:
         raise ValueError(f"{path} holds no gatelab patch (config.{CONFIG_KEY}); load it with from_pretrained")
