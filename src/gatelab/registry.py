@@ -37,7 +37,7 @@ class MechanismSpec:
 _REGISTRY: dict[str, MechanismSpec] = {}
 _KEYS: dict[type, str] = {}  # class -> key, filled by mechanism_key
 _LOADED = False
-_PACKAGES = ("gatelab.mixers", "gatelab.gates")
+_PACKAGES = ("gatelab.mixers", "gatelab.gates", "gatelab.routers")
 
 
 def register(spec: MechanismSpec) -> MechanismSpec:

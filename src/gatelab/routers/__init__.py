@@ -1,0 +1,1 @@
+"""Mechanisms that choose between mechanisms: per chunk, head or layer routing between softmax and linear or sparse attention."""
