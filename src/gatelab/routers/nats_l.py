@@ -176,14 +176,30 @@ class NAtSL(GatedDeltaNet):
 
     def _forward(self, x, state, return_internals):
         c = self.config
-        B, T, _ = x.shape
-        H, Ha, s, C = c.n_heads, self._attn_heads, c.attn_split, c.route_chunk
+        B, H = x.shape[0], c.n_heads
         if state is not None:
             if not isinstance(state, NAtSLState):
                 raise TypeError(
                     f"state must be the NAtSLState this mixer returned, got {type(state).__name__}"
                 )
             self.state_signature(B).check(state.signature)
+        o_gdn, o_attn, q_raw, g, beta, new_state, decided = self.branches(x, state)
+        out, mix = self.combine(o_gdn, o_attn, q_raw, x)
+        pending = 1 if new_state.open_x.shape[1] else 0
+        fraction = (decided.sum((1, 2)).mean() / H + pending) / max(1, decided.shape[-1] + pending)
+        self.last_fraction = fraction.detach()
+        if not return_internals:
+            return out, new_state, {}
+        return out, new_state, {"route": route_record(fraction, "chunks"), "types": decided,
+                                "mix": mix, "gate": g.detach().exp(), "beta": beta.detach()}  # fmt: skip
+
+    def branches(self, x, state=None):
+        """The two branches over x (B, T, d_model) after ``state`` (None: a fresh sequence): o_gdn (B, T, H, V),
+        o_attn (B, T, Ha, Dv) fp32, the pre-norm q, g and beta (B, T, H), the new state and the decisions
+        (B, H, n) of the n chunks completed in this call (1.0: softmax)."""
+        c = self.config
+        B, T, _ = x.shape
+        H, Ha, s, C = c.n_heads, self._attn_heads, c.attn_split, c.route_chunk
         st = self.fresh_state(x) if state is None else state
         q, k, v, g, beta, q_raw, conv = self.project(x, st.conv)
         # the softmax branch's view of the same q/k/v: s heads per GDN head, RMSNorm, no positions
@@ -221,18 +237,11 @@ class NAtSL(GatedDeltaNet):
                 open_k, open_v, open_x, open_g = (t[:, :0] for t in (open_k, open_v, open_x, open_g))
                 types.append(m_attn.detach())
             a = b
-        out, mix = self.combine(torch.cat(o_gdn, 1), torch.cat(o_attn, 1), q_raw, x)
         cache_k, cache_v, keep = compact(cache_k, cache_v, keep)
         new_state = NAtSLState(committed, running, cache_k, cache_v, keep, open_k, open_v, open_x, open_g,
                                st.length + T, conv, signature=self.state_signature(B))  # fmt: skip
         decided = torch.stack(types, -1) if types else x.new_zeros(B, H, 0)  # (B, H, n)
-        pending = 1 if open_x.shape[1] else 0
-        fraction = (decided.sum((1, 2)).mean() / H + pending) / max(1, decided.shape[-1] + pending)
-        self.last_fraction = fraction.detach()
-        if not return_internals:
-            return out, new_state, {}
-        return out, new_state, {"route": route_record(fraction, "chunks"), "types": decided,
-                                "mix": mix, "gate": g.detach().exp(), "beta": beta.detach()}  # fmt: skip
+        return torch.cat(o_gdn, 1), torch.cat(o_attn, 1), q_raw, g, beta, new_state, decided
 
     def combine(self, o_gdn, o_attn, q_raw, x):
         """o_gdn (B, T, H, V), o_attn (B, T, Ha, Dv) -> y (B, T, d_model), the weights (B, T, Ha, 2): the
