@@ -14,7 +14,7 @@ import pytest
 import gatelab
 
 ROOT = Path(gatelab.__file__).parent
-LIBRARY = ("ops", "mixers", "cache", "gates", "hf", "registry.py", "testing.py", "benchmarking.py")
+LIBRARY = ("ops", "mixers", "cache", "gates", "routers", "hf", "registry.py", "testing.py", "benchmarking.py")
 UPPER = ("gatelab.lab", "gatelab.commands", "gatelab.cli")
 
 

@@ -77,9 +77,11 @@ def default_terms(model: nn.Module) -> tuple[dict, dict]:
     """(extra losses, monitors) a model brings: with attention gates (KV-cache eviction) their
     eviction-rate loss ("eviction") and the kept fraction of the last forward ("kept"); with MoE MLPs their
     auxiliary losses ("moe_aux": load balance and the routers' own) and the last forward's expert load
-    (max / mean) and active-expert fraction; none otherwise."""
+    (max / mean) and active-expert fraction; with LycheeDecode layers their L0 Lagrangian ("lychee_l0");
+    none otherwise."""
     from gatelab.cache import AttentionGatePolicy, eviction_loss, kept_fraction
     from gatelab.gates.moe import moe_aux_loss, moe_layers, moe_stats
+    from gatelab.routers.lychee import lychee_l0_loss, lychee_layers
 
     losses, monitors = {}, {}
     if any(isinstance(m, AttentionGatePolicy) for m in model.modules()):
@@ -88,6 +90,8 @@ def default_terms(model: nn.Module) -> tuple[dict, dict]:
         losses["moe_aux"] = moe_aux_loss
         monitors["expert_load"] = lambda m: moe_stats(m).get("load_max_over_mean")
         monitors["active_experts"] = lambda m: moe_stats(m).get("active_fraction")
+    if lychee_layers(model):
+        losses["lychee_l0"] = lychee_l0_loss
     return losses, monitors
 
 
