@@ -109,7 +109,7 @@ def test_l0_lagrangian_and_its_multiplier():
 def test_bad_options():
     for options, match in (({"budget": 0}, "budget"), ({"max_retrieval_heads": 5}, "max_retrieval_heads"),
                            ({"target_density": 1.5}, "target_density"), ({"kuma_low": 0.1}, "kuma_low"),
-                           ({"route": "all"}, "route"), ({"causal": False}, "causal")):  # fmt: skip
+                           ({"route": "all"}, "route"), ({"causal": False}, "causal"), ({"backend": "sdpa"}, "backend")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             build(**options)
     with pytest.raises(TypeError, match="own KV cache"):

@@ -168,3 +168,11 @@ def test_bad_options_and_states():
             mixer(torch.randn(1, 1, 32), state=recurrent)
         _, state = mixer(torch.randn(1, 3, 32))
     assert isinstance(state, NAtSLState) and state.kept_tokens == 3 * mixer._attn_heads
+
+
+def test_the_backend_option_picks_the_gdn_branch_backend():
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        y_auto, _ = mixed_router(build())(x)
+        y_ref, _ = mixed_router(build(backend="reference"))(x)
+    assert_close("reference", y_ref, y_auto, torch.float32)

@@ -37,7 +37,8 @@ QUADRATURE = 512  # midpoints in u for E[z] (z is a monotone function of u ~ U(0
 
 def hardkuma_sample(log_alpha, log_beta, low: float, high: float, u: torch.Tensor) -> torch.Tensor:
     """z = clamp(low + (high - low) (1 - u^(1/beta))^(1/alpha), 0, 1) for u in (0, 1), broadcast over the
-    gates (the Kumaraswamy inverse CDF, stretched and rectified; Bastings et al., 2019)."""
+    gates (the Kumaraswamy inverse CDF, stretched and rectified, as in "Interpretable Neural Predictions with
+    Differentiable Binary Variables", 2019)."""
     alpha, beta = log_alpha.exp(), log_beta.exp()
     s = (1 - u.pow(1 / beta)).clamp_min(1e-12).pow(1 / alpha)
     return (low + (high - low) * s).clamp(0, 1)
@@ -65,6 +66,7 @@ class LycheeConfig(AttentionConfig):
         check_positive("budget", self.budget)
         check_positive("max_retrieval_heads", self.max_retrieval_heads, allow_none=True)
         check_choice("route", self.route, ("learned", "retrieval", "sparse"))
+        check_choice("backend", self.backend, ("auto", "reference"))  # both maps are dense fp32 here
         if not (self.kuma_low < 0 and self.kuma_high > 1):
             raise ValueError(f"need kuma_low < 0 and kuma_high > 1, got {self.kuma_low}, {self.kuma_high}")
         check_probability("target_density", self.target_density, low_open=False, high_open=False)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from gatelab.mixers._base import StateSignature, check_choice, check_positive
 from gatelab.mixers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
 from gatelab.ops.common.short_conv import short_conv
-from gatelab.ops.gated_deltanet import gated_deltanet, l2_normalize
+from gatelab.ops.gated_deltanet import BACKENDS, gated_deltanet, l2_normalize
 from gatelab.registry import MechanismSpec, register
 
 from ._common import route_record, straight_through, weighted_attention
@@ -48,6 +48,7 @@ class NAtSLConfig(GatedDeltaNetConfig):
     decay_skipped: bool = True  # a softmax-routed chunk decays the GDN state by its gates (released configs)
     sample: str = "argmax"  # "argmax" (the released runs) or "gumbel" (noise in training only)
     route: str = "learned"  # "softmax" / "linear": every chunk forced to one side (tests, ablations)
+    # ``backend`` picks the GDN branch's backend; the softmax branch is dense (per-key router multipliers)
 
     def __post_init__(self):
         super().__post_init__()
@@ -276,7 +277,7 @@ register(
         config_cls=NAtSLConfig,
         module_cls=NAtSL,
         op=None,
-        backends=("auto",),
+        backends=BACKENDS,  # of the GDN branch; the softmax branch is dense (its per-key router multipliers)
         causal=True,
         bidirectional=False,
         paper="Neural Attention Search Linear: chunk-wise routing between Gated DeltaNet and softmax "
