@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from gatelab.mixers._base import StateSignature, check_choice, check_positive
 from gatelab.mixers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
-from gatelab.ops.common.short_conv import short_conv
 from gatelab.ops.gated_deltanet import BACKENDS, gated_deltanet, l2_normalize
 from gatelab.registry import MechanismSpec, register
 
@@ -142,12 +141,10 @@ class NAtSL(GatedDeltaNet):
         c = self.config
         B, T, _ = x.shape
         H, K, V = c.n_heads, c.key_dim, c.value_dim
-        q, conv_q = short_conv(self.q_proj(x), self.q_conv, state=conv.get("q"), output_final_state=True)
-        k, conv_k = short_conv(self.k_proj(x), self.k_conv, state=conv.get("k"), output_final_state=True)
-        v, conv_v = short_conv(self.v_proj(x), self.v_conv, state=conv.get("v"), output_final_state=True)
+        q, k, v, conv = self.convolved(x, conv)
         g, beta = self.gates(x)
         return (l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, H, K)), v.view(B, T, H, V), g,
-                beta, q, {"q": conv_q, "k": conv_k, "v": conv_v})  # fmt: skip
+                beta, q, conv)  # fmt: skip
 
     def choose(self, x_chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x of one complete chunk (B, C, d_model) -> (m_softmax, m_gdn) (B, H): the hard choice (exactly 0
