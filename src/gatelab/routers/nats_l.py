@@ -255,14 +255,16 @@ class NAtSL(GatedDeltaNet):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token at ``seq_len`` (a multiply-add counts 2), from the last call's routed
-        fraction f (1 before any call): projections 2 d (2HK + 3HV + 2H) + 2HV d, the router 2 d 2H / C and
-        output weights 2 HK 2Ha; the delta rule 6 H K V (k^T S, the rank-1 update, q S); softmax over the keys a
-        query sees on average, (C + 1) / 2 of its own chunk + f (L - C) / 2 earlier, times 2 H (K + V)."""
+        fraction f (1 before any call): projections 2 d (2HK + 2HV + 2H) (q, k; v, g; a, b) + 2HV d, the
+        router 2 d 2H / C (once per chunk) and the output weights 2 HK 2Ha; the delta rule 6 H K V (k^T S, the
+        rank-1 update, q S); softmax over the keys a query sees on average, (C + 1) / 2 of its own chunk +
+        f (L - C) / 2 earlier, times 2 H (K + V). Short convolutions and norms are left out."""
         check_positive("seq_len", seq_len)
         c = self.config
         d, H, K, V, C, L = c.d_model, c.n_heads, c.key_dim, c.value_dim, c.route_chunk, seq_len
         f = 1.0 if self.last_fraction is None else float(self.last_fraction)
-        projections = 2 * d * (2 * H * K + 3 * H * V + 2 * H) + 2 * H * V * d + 4 * d * H / C + 4 * H * K * H
+        Ha = self._attn_heads
+        projections = 2 * d * (2 * H * K + 2 * H * V + 2 * H) + 2 * H * V * d + 4 * d * H / C + 4 * H * K * Ha
         seen = (min(C, L) + 1) / 2 + f * max(0, L - C) / 2
         return float(projections + 6 * H * K * V + 2 * seen * H * (K + V))
 
