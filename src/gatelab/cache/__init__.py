@@ -1,4 +1,4 @@
-"""KV-cache policies for decoding with softmax-family mixers: full, streaming, h2o, attention_gate
+"""KV-cache policies for decoding with softmax-family mixers: full, streaming, h2o, attention_gate, lychee
 ("In-context KV-Cache Eviction for LLMs via Attention-Gate", Zeng et al., 2024, and its baselines).
 
     policies = apply_policy(model, "h2o", budget=0.5, seq_len=512)   # every attention layer of an LM
@@ -13,6 +13,7 @@ what they hold.
 
 from .apply import POLICIES, apply_policy, attention_mixers, check_cacheable, make_policy, remove_policy
 from .attention_gate import AttentionGate, AttentionGatePolicy
+from .lychee import LycheePolicy
 from .measures import cache_bytes, eviction_loss, kept_fraction
 from .policies import MASKED, CachePolicy, H2OPolicy, PolicyCache, StreamingPolicy, resolve_budget
 
@@ -23,6 +24,7 @@ __all__ = [
     "AttentionGatePolicy",
     "CachePolicy",
     "H2OPolicy",
+    "LycheePolicy",
     "PolicyCache",
     "StreamingPolicy",
     "apply_policy",

@@ -8,15 +8,17 @@ import torch.nn as nn
 from gatelab.mixers._attention import AttentionMixer
 
 from .attention_gate import AttentionGatePolicy
+from .lychee import LycheePolicy
 from .policies import CachePolicy, H2OPolicy, StreamingPolicy
 
-POLICIES = ("full", "streaming", "h2o", "attention_gate")
+POLICIES = ("full", "streaming", "h2o", "attention_gate", "lychee")
 
 
 def make_policy(name: str, mixer: nn.Module, **options) -> CachePolicy:
     """One policy for ``mixer``: "full", "streaming" (budget, sinks, window, seq_len,
     rope_by_cache_position), "h2o" (budget, recent, seq_len) or "attention_gate" (target_keep,
-    eviction_weight, heads, d_gate, window, init_keep, relaxation)."""
+    eviction_weight, heads, d_gate, window, init_keep, relaxation) or "lychee" (budget, retrieval_heads,
+    seq_len, correction_every)."""
     check_cacheable(mixer)
     if name == "full":
         if options:
@@ -29,6 +31,8 @@ def make_policy(name: str, mixer: nn.Module, **options) -> CachePolicy:
     elif name == "attention_gate":
         c = mixer.config
         policy = AttentionGatePolicy(c.d_model, c.kv_heads, **options)
+    elif name == "lychee":
+        policy = LycheePolicy(mixer.config.kv_heads, **options)
     else:
         raise ValueError(f"unknown cache policy {name!r}; known policies: {', '.join(POLICIES)}")
     return policy.train(mixer.training)  # a gate follows its mixer: relaxed in training, hard in eval

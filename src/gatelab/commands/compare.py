@@ -54,7 +54,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache", default=None,
         help="also decode each trained softmax-family model under these KV-cache policies: comma-separated "
-        "streaming, h2o, attention_gate ('full' is always the reference row; default: none)",
+        "streaming, h2o, attention_gate, lychee ('full' is always the reference row; default: none)",
     )  # fmt: skip
     parser.add_argument(
         "--kv-budgets", default=None,

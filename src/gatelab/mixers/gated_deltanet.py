@@ -126,17 +126,23 @@ class GatedDeltaNet(LinearMixer):
         beta = torch.sigmoid(self.b_proj(x).float())
         return g, beta
 
+    def convolved(self, x: torch.Tensor, conv: dict[str, torch.Tensor]):
+        """x (B, T, d_model) -> q, k (B, T, H*K), v (B, T, H*V) after the short convolutions and SiLU, and the
+        convolution inputs to carry ("q", "k", "v")."""
+        q, conv_q = short_conv(self.q_proj(x), self.q_conv, state=conv.get("q"), output_final_state=True)
+        k, conv_k = short_conv(self.k_proj(x), self.k_conv, state=conv.get("k"), output_final_state=True)
+        v, conv_v = short_conv(self.v_proj(x), self.v_conv, state=conv.get("v"), output_final_state=True)
+        return q, k, v, {"q": conv_q, "k": conv_k, "v": conv_v}
+
     def features(self, x, start, conv):
         c = self.config
         B, T, _ = x.shape
         H, K, V = c.n_heads, c.key_dim, c.value_dim
-        q, conv_q = short_conv(self.q_proj(x), self.q_conv, state=conv.get("q"), output_final_state=True)
-        k, conv_k = short_conv(self.k_proj(x), self.k_conv, state=conv.get("k"), output_final_state=True)
-        v, conv_v = short_conv(self.v_proj(x), self.v_conv, state=conv.get("v"), output_final_state=True)
+        q, k, v, conv = self.convolved(x, conv)
         q = l2_normalize(q.view(B, T, H, K))  # (B, T, H, K)
         k = l2_normalize(k.view(B, T, H, K))
         g, beta = self.gates(x)  # (B, T, H) fp32
-        return OpInputs((q, k, v.view(B, T, H, V), g, beta), conv={"q": conv_q, "k": conv_k, "v": conv_v})
+        return OpInputs((q, k, v.view(B, T, H, V), g, beta), conv=conv)
 
     def gate_output(self, o, x, inputs):
         B, T, H, V = o.shape

@@ -78,10 +78,12 @@ def default_terms(model: nn.Module) -> tuple[dict, dict]:
     eviction-rate loss ("eviction") and the kept fraction of the last forward ("kept"); with MoE MLPs their
     auxiliary losses ("moe_aux": load balance and the routers' own) and the last forward's expert load
     (max / mean) and active-expert fraction; with learned Flux routers their sparsity budget ("flux_budget")
-    and the fraction of layers on the sparse side ("sparse_layers"); none otherwise."""
+    and the fraction of layers on the sparse side ("sparse_layers"); with LycheeDecode layers their L0
+    Lagrangian ("lychee_l0"); none otherwise."""
     from gatelab.cache import AttentionGatePolicy, eviction_loss, kept_fraction
     from gatelab.gates.moe import moe_aux_loss, moe_layers, moe_stats
     from gatelab.routers.flux import budget_loss, flux_layers, sparse_fraction
+    from gatelab.routers.lychee import lychee_l0_loss, lychee_layers
 
     losses, monitors = {}, {}
     if any(isinstance(m, AttentionGatePolicy) for m in model.modules()):
@@ -93,6 +95,8 @@ def default_terms(model: nn.Module) -> tuple[dict, dict]:
     if any(layer.config.route == "learned" for layer in flux_layers(model)):
         losses["flux_budget"] = budget_loss
         monitors["sparse_layers"] = lambda m: float(sparse_fraction(m).detach().mean())
+    if lychee_layers(model):
+        losses["lychee_l0"] = lychee_l0_loss
     return losses, monitors
 
 
