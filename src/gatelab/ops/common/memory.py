@@ -19,11 +19,19 @@ one token are the recurrence exactly; longer chunks differ by design.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
-from gatelab.ops.common.checks import check_choice, check_heads, check_log_gate, check_same, check_tensor
+from gatelab.ops.common.checks import (
+    check_attention_values,
+    check_choice,
+    check_heads,
+    check_log_gate,
+    check_same,
+    check_tensor,
+)
 from gatelab.ops.common.chunk import chunk_length, chunk_qkv, from_chunks, to_chunks
 from gatelab.ops.common.linear import check_linear_options, run_linear
 from gatelab.ops.common.mlp_memory import check_mlp_state, mlp_memory_chunk
@@ -150,9 +158,10 @@ def memory_chunk(
 GATE_DTYPES = (torch.float32,)  # gates may stay fp32 when q/k/v are half precision
 
 
-def check_memory_inputs(op: str, q, k, v, gates: dict[str, torch.Tensor]) -> None:
+def check_memory_inputs(op: str, q, k, v, gates: dict[str, torch.Tensor], *, scale=None) -> None:
     """q, k (B, T, H, K), v (B, T, H, V) of one dtype and device; each gate (B, T, H) in q's dtype or fp32;
-    ``g`` a log retention (<= 0) and ``eta`` a learning rate (>= 0)."""
+    ``g`` a log retention (<= 0) and ``eta`` a learning rate (>= 0); then the causal value rules
+    (:func:`check_attention_values`: ``scale``, no non-finite future k/v)."""
     check_tensor("q", q, 4, "(B, T, H, K)")
     check_tensor("k", k, 4, "(B, T, H, K)")
     check_tensor("v", v, 4, "(B, T, H, V)")
@@ -181,6 +190,7 @@ def check_memory_inputs(op: str, q, k, v, gates: dict[str, torch.Tensor]) -> Non
         raise ValueError(
             f"{op}: eta (the memory's learning rate) must be >= 0, got min {float(eta.min()):.4g}"
         )
+    check_attention_values(op, q.shape[1], scale=scale, k=k, v=v)
 
 
 def memory_op(
@@ -219,22 +229,16 @@ def memory_op(
         if scale is not None:
             raise ValueError(f"{op}: the MLP memory reads M(q) without a query scale; got scale={scale!r}")
         check_linear_options(op, q, v, None, cu_seqlens, chunk_size)
-        reference = lambda *a, **o: mlp_memory_chunk(psi, readout, *a, **o, chunk_size=1)  # noqa: E731
-        chunked = lambda *a, **o: mlp_memory_chunk(psi, readout, *a, **o)  # noqa: E731
-        functions = {"reference": reference, "chunk": chunked, "recurrent": reference}
-        return run_linear(
-            op, backend, functions, (q, k, v, g, eta, *extra), chunk_size=chunk_size,
-            initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-            auto_order=("chunk",),
-        )  # fmt: skip
-    check_linear_options(op, q, v, initial_state, cu_seqlens, chunk_size)
-    reference = lambda *a, **o: memory_reference(psi, readout, *a, **o)  # noqa: E731
-    functions = {"reference": reference, "chunk": lambda *a, **o: memory_chunk(psi, readout, *a, **o),
-                 "recurrent": reference}  # fmt: skip
+        chunked, options = functools.partial(mlp_memory_chunk, psi, readout), {}
+        reference = functools.partial(chunked, chunk_size=1)  # the token recurrence
+    else:
+        check_linear_options(op, q, v, initial_state, cu_seqlens, chunk_size)
+        chunked, options = functools.partial(memory_chunk, psi, readout), {"scale": scale}
+        reference = functools.partial(memory_reference, psi, readout)
+    functions = {"reference": reference, "chunk": chunked, "recurrent": reference}
     return run_linear(
-        op, backend, functions, (q, k, v, g, eta, *extra), chunk_size=chunk_size, scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, auto_order=("chunk",),
+        op, backend, functions, (q, k, v, g, eta, *extra), chunk_size=chunk_size, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, auto_order=("chunk",), **options,
     )  # fmt: skip
 
 

@@ -16,7 +16,6 @@ import functools
 
 import torch
 
-from gatelab.ops.common.checks import check_attention_values
 from gatelab.ops.common.memory import (
     check_memory_inputs,
     lp_gradient,
@@ -59,8 +58,7 @@ def memora(
     Returns:
         o (B, T, H, V) in q's dtype; the final logits A (B, H, K, V) fp32, or None.
     """
-    check_memory_inputs("memora", q, k, v, {"g": g, "eta": eta})
-    check_attention_values("memora", q.shape[1], scale=scale, k=k, v=v)
+    check_memory_inputs("memora", q, k, v, {"g": g, "eta": eta}, scale=scale)
     return memory_op(
         "memora", _l2_gradient, simplex_rows, q, k, v, g, eta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, memory=memory,

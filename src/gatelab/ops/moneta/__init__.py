@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from gatelab.ops.common.checks import check_attention_values, check_number
+from gatelab.ops.common.checks import check_number
 from gatelab.ops.common.memory import (
     check_memory_inputs,
     lp_gradient,
@@ -67,8 +67,7 @@ def moneta(
     Returns:
         o (B, T, H, V) in q's dtype; the final A (B, H, K, V) fp32, or None unless ``output_final_state``.
     """
-    check_memory_inputs("moneta", q, k, v, {"g": g, "eta": eta})
-    check_attention_values("moneta", q.shape[1], scale=scale, k=k, v=v)
+    check_memory_inputs("moneta", q, k, v, {"g": g, "eta": eta}, scale=scale)
     bias_power = check_number("bias_power", bias_power, low=2.0)
     norm_power = check_number("norm_power", norm_power, low=2.0)
     norm_floor = check_number("norm_floor", norm_floor, low=1e-12)

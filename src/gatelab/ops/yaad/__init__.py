@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.checks import check_attention_values
 from gatelab.ops.common.memory import check_memory_inputs, memory_chunk, memory_op, memory_reference
 
 BACKENDS = ("reference", "chunk", "recurrent")
@@ -19,10 +18,6 @@ def huber_gradient(error: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     0, so it is detached: an infinite delta then leaves no inf * 0 in the backward."""
     inside = error.norm(dim=-1, keepdim=True) <= delta
     return torch.where(inside, error, delta * error.sign().detach())
-
-
-def _psi(error: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return huber_gradient(error, delta)
 
 
 def yaad(
@@ -50,12 +45,11 @@ def yaad(
     Returns:
         o (B, T, H, V) in q's dtype; the final memory (B, H, K, V) fp32, or None.
     """
-    check_memory_inputs("yaad", q, k, v, {"g": g, "eta": eta, "delta": delta})
-    check_attention_values("yaad", q.shape[1], scale=scale, k=k, v=v)
+    check_memory_inputs("yaad", q, k, v, {"g": g, "eta": eta, "delta": delta}, scale=scale)
     if not torch.compiler.is_compiling() and delta.numel() and not bool((delta.detach() > 0).all()):
         raise ValueError(f"yaad: delta (the Huber threshold) must be > 0, got min {float(delta.min()):.4g}")
     return memory_op(
-        "yaad", _psi, None, q, k, v, g, eta, (delta,), scale=scale,
+        "yaad", huber_gradient, None, q, k, v, g, eta, (delta,), scale=scale,
         initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         chunk_size=chunk_size, backend=backend, memory=memory,
     )  # fmt: skip
@@ -63,12 +57,12 @@ def yaad(
 
 def yaad_reference(q, k, v, g, eta, delta, **options):
     """The token recurrence (fp32) with the Huber gradient; options as :func:`memory_reference`."""
-    return memory_reference(_psi, None, q, k, v, g, eta, delta, **options)
+    return memory_reference(huber_gradient, None, q, k, v, g, eta, delta, **options)
 
 
 def yaad_chunk(q, k, v, g, eta, delta, **options):
     """The chunk-parallel form with the Huber gradient; options as :func:`memory_chunk`."""
-    return memory_chunk(_psi, None, q, k, v, g, eta, delta, **options)
+    return memory_chunk(huber_gradient, None, q, k, v, g, eta, delta, **options)
 
 
 __all__ = ["yaad", "yaad_reference", "yaad_chunk", "huber_gradient", "BACKENDS"]
