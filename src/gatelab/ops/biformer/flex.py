@@ -3,14 +3,15 @@ a BlockMask of the routed regions (from_kv_blocks) and a mask_mod that looks the
 
 from __future__ import annotations
 
-from gatelab.ops.common.flex_blocks import block_mask_from_rows, check_flex_grad, run_flex
+from gatelab.ops.common.flex import check_flex_inputs
+from gatelab.ops.common.flex_blocks import block_mask_from_rows, run_flex
 
 from .routing import from_regions, route, routed_regions, to_regions
 
 
 def biformer_flex(q, k, v, *, grid, topk, scale, compiled=None):
     """q (B, Hh, Ww, H, D), k (B, Hh, Ww, H, D), v (B, Hh, Ww, H, V) -> (B, Hh, Ww, H, V)."""
-    check_flex_grad("biformer", q, k, v)
+    check_flex_inputs("biformer", q, k, v)
     B, Hh, Ww = q.shape[:3]
     qr, kr, vr = (to_regions(x, grid).flatten(1, 2) for x in (q, k, v))  # (B, N, H, *) region-major
     block_mask = biformer_block_mask(q, k, grid=grid, topk=topk)

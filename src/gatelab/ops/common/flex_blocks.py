@@ -14,15 +14,6 @@ from gatelab.ops.common import flex
 from gatelab.ops.common.backend import resolve_backend
 
 
-def flex_available() -> bool:
-    return flex.flex_supported()
-
-
-def check_flex_grad(op: str, *tensors: torch.Tensor) -> None:
-    """Flex has no backward on CPU: say so before failing deep inside autograd."""
-    flex.check_flex_inputs(op, *tensors)
-
-
 def block_mask_from_rows(
     rows: torch.Tensor, q_block: int, T: int, S: int, mask_mod, block: int = flex.BLOCK_SIZE
 ):
@@ -63,7 +54,7 @@ def run_flex(q, k, v, block_mask, scale: float, score_mod=None, compiled: bool |
 
 def routed_backend(op: str, backend: str, q: torch.Tensor) -> str:
     """The backend a routed op runs, "reference" or "flex" (see :func:`auto_order` for "auto")."""
-    return resolve_backend(op, backend, {"reference": True, "flex": flex_available}, auto_order(q))
+    return resolve_backend(op, backend, {"reference": True, "flex": flex.flex_supported}, auto_order(q))
 
 
 def auto_order(q: torch.Tensor) -> tuple[str, ...]:

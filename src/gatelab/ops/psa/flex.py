@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from gatelab.ops.common.flex_blocks import block_mask_from_rows, check_flex_grad, run_flex
+from gatelab.ops.common.flex import check_flex_inputs
+from gatelab.ops.common.flex_blocks import block_mask_from_rows, run_flex
 
 from .levels import psa_levels, pyramid, query_positions
 
 
 def psa_flex(q, k, v, *, budget, block_size_q, block_size_k, causal, scale, compiled=None):
     """q (B, Tq, H, D), k (B, S, Hkv, D), v (B, S, Hkv, V) -> (B, Tq, H, V)."""
-    check_flex_grad("psa", q, k, v)
+    check_flex_inputs("psa", q, k, v)
     options = dict(
         budget=budget, block_size_q=block_size_q, block_size_k=block_size_k, causal=causal, scale=scale
     )
