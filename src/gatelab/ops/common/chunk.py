@@ -24,8 +24,9 @@ import torch.nn.functional as F
 # (torch.finfo(torch.float32).min) gives the reference's result. Every difference b_i - b_j that spans a
 # floored decay is <= -110, and the margin of 6 past the underflow covers the rounding of sums up to ~1e7,
 # so its exp() is still exactly 0. Exact in every float dtype. Precision is that of any strong gate: each
-# closed token adds 110 to the within-chunk sums (every other token closed, C=64: 6.6e-5 relative RMS
-# against the reference, against 1.1e-4 with a floor of -128).
+# closed token adds 110 to the within-chunk sums (GLA, B=2 T=256 H=2 K=V=32, randn q/k/v, logsigmoid(randn)
+# gates with every other token closed, C=64, seed 0: 2.5e-5 relative RMS against the reference, 2.7e-5 with
+# a floor of -128).
 LOG_DECAY_FLOOR = -110.0
 
 GROUP_ELEMENTS = 2**21  # ~8 MB of fp32 per intra-chunk temporary: see chunk_groups
