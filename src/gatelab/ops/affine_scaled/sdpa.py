@@ -12,12 +12,16 @@ from gatelab.ops.softmax.sdpa import softmax_sdpa
 def visible_value_sums(v: torch.Tensor, q_len: int, causal: bool) -> torch.Tensor:
     """Sum of the values each query sees: v (B, S, Hkv, V) -> (B, Tq, Hkv, V) fp32.
 
-    Causal queries are bottom-right aligned (query t sees keys 0 .. S - Tq + t), so their sums are the last
-    Tq entries of the running sum over keys; a bidirectional query sees all S keys."""
+    Causal queries are bottom-right aligned (query t sees keys 0 .. S - Tq + t): the first query's sum over
+    the S - Tq + 1 keys every query sees, then a running sum over the last Tq - 1 keys only, so a decoding
+    step (Tq = 1) reduces the cache without a (B, S, Hkv, V) running sum; a bidirectional query sees all S.
+    """
     vf = v.float()
     if not causal:
         return vf.sum(dim=1, keepdim=True).expand(-1, q_len, -1, -1)
-    return vf.cumsum(dim=1)[:, v.shape[1] - q_len :]
+    first = v.shape[1] - q_len + 1
+    seen = vf[:, :first].sum(dim=1, keepdim=True)  # (B, 1, Hkv, V): what the first query sees
+    return torch.cat([seen, seen + vf[:, first:].cumsum(dim=1)], dim=1)
 
 
 def affine_scaled_sdpa(q, k, v, alpha, beta, *, causal=True, scale=None) -> torch.Tensor:
