@@ -47,9 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gatelab.mixers._kv_cache import KVCache
+from gatelab.ops.common.checks import check_number
 from gatelab.ops.softmax import softmax
 
-from .policies import MASKED, CachePolicy, PolicyCache, check_flag, check_number
+from .policies import MASKED, CachePolicy, PolicyCache, check_flag
 
 
 class AttentionGate(nn.Module):
@@ -113,12 +114,12 @@ class AttentionGatePolicy(CachePolicy):
             raise ValueError(f"window must be a positive int (tokens the gate reads) or None, got {window!r}")
         if not isinstance(recent, int) or isinstance(recent, bool) or recent < 0:
             raise ValueError(f"recent must be an int >= 0 (tokens per block, 0: off), got {recent!r}")
-        if check_number("init_keep", init_keep, 0, low_open=True) >= 1:
+        if not 0 < check_number("init_keep", init_keep) < 1:
             raise ValueError(f"init_keep must be in (0, 1), got {init_keep!r}")
         if relaxation not in ("soft", "straight_through"):
             raise ValueError(f"relaxation must be 'soft' or 'straight_through', got {relaxation!r}")
         self.target_keep = float(target_keep)
-        self.eviction_weight = check_number("eviction_weight", eviction_weight, 0)
+        self.eviction_weight = check_number("eviction_weight", eviction_weight, low=0)
         self.relaxation = relaxation
         self.rope_by_cache_position = check_flag("rope_by_cache_position", rope_by_cache_position)
         self.recent = recent

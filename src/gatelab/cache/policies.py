@@ -97,15 +97,6 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
-def check_number(name: str, value, low: float, low_open: bool = False) -> float:
-    """A finite real option >= ``low`` (> ``low`` with ``low_open``), as a float."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < low or (low_open and value == low):
-        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low}, got {value!r}")
-    return float(value)
-
-
 def resolve_budget(name: str, budget, seq_len: int | None) -> int:
     """Tokens from a budget: an int >= 1, or a float fraction in (0, 1] of ``seq_len``."""
     if isinstance(budget, bool) or not isinstance(budget, int | float):

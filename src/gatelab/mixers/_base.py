@@ -254,6 +254,15 @@ class Mixer(nn.Module):
         """The signature of the state this mixer returns for a batch of ``batch`` sequences."""
         return StateSignature(self.mechanism, batch, *self.state_dims())
 
+    def check_state(self, state, state_cls: type, batch: int, under: str = "") -> None:
+        """TypeError unless ``state`` is a ``state_cls`` (the state this mixer returns; ``under`` names what
+        it runs under, e.g. a cache policy); ValueError unless it was made for this mechanism, batch and
+        heads."""
+        if type(state) is not state_cls:
+            raise TypeError(f"state must be the {state_cls.__name__} this mixer returned{under}, "
+                            f"got {type(state).__name__}")  # fmt: skip
+        self.state_signature(batch).check(state.signature)
+
     def forward(self, x: torch.Tensor, state=None, *, return_internals: bool = False):
         check_input(x, self.config.d_model, 1, "(B, T, d_model)")
         if state is not None and not self.config.causal:

@@ -53,12 +53,8 @@ class KVCacheManager:
     def check_state(self, mixer, state, batch: int) -> None:
         """TypeError unless ``state`` is None or this manager's state; ValueError unless it was made for
         ``mixer``'s mechanism, this batch and these heads."""
-        if state is None:
-            return
-        if type(state) is not self.state_cls:
-            raise TypeError(f"state must be the {self.state_cls.__name__} this mixer returned{self._under()}, "
-                            f"got {type(state).__name__}")  # fmt: skip
-        mixer.state_signature(batch).check(state.signature)
+        if state is not None:
+            mixer.check_state(state, self.state_cls, batch, self._under())
 
     def _under(self) -> str:
         return "" if self.name == "none" else f" under policy {self.name!r}"

@@ -84,11 +84,7 @@ class LinearMixer(Mixer):
         mixer returned (None: a fresh sequence)."""
         if state is None:
             return None, 0, {}
-        if not isinstance(state, RecurrentState):
-            raise TypeError(
-                f"state must be the RecurrentState this mixer returned, got {type(state).__name__}"
-            )
-        self.state_signature(batch).check(state.signature)
+        self.check_state(state, RecurrentState, batch)
         return state.state, state.length, state.conv
 
     def step_backend(self, x: torch.Tensor) -> str:

@@ -43,6 +43,7 @@ from gatelab.ops.common.checks import check_choice
 from gatelab.ops.softmax import BACKENDS, softmax
 from gatelab.registry import MechanismSpec, get, register
 
+from ._common import route_record, straight_through
 from .flops import attention_flops, linear_flops
 
 SPARSE = ("sliding_window", "hip", "psa")
@@ -172,7 +173,7 @@ def straight_through_gumbel(logits: torch.Tensor, tau: float, generator=None) ->
     u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-10, 1 - 1e-7)
     soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
-    return (hard - soft.detach() + soft)[:, 1]
+    return straight_through(hard, soft)[:, 1]
 
 
 class FluxAttention(AttentionMixer):
@@ -249,8 +250,7 @@ class FluxAttention(AttentionMixer):
             probs = None if full_probs is None else w * full_probs + (1 - w) * sparse_probs
         if not want_internals:
             return o, {}
-        route = {"expensive_fraction": z.detach().float().mean(), "unit": "layers", "z": z.detach()}
-        return o, {"attn": probs, "route": route}
+        return o, {"attn": probs, "route": {**route_record(z.float().mean(), "layers"), "z": z.detach()}}
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token of this layer over a sequence of ``seq_len`` tokens, at the last measured

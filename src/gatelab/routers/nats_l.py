@@ -130,10 +130,6 @@ class NAtSL(GatedDeltaNet):
             with torch.no_grad():
                 self.attn_norm_weight.fill_(1.0)
 
-    def state_dims(self):
-        c = self.config
-        return c.n_heads, c.key_dim, c.value_dim
-
     # pieces -----------------------------------------------------------------------------------------
     def project(self, x, conv):
         """q, k (B, T, H, K) L2-normalised, v (B, T, H, V), g, beta (B, T, H), the pre-norm q (B, T, H*K)
@@ -176,11 +172,7 @@ class NAtSL(GatedDeltaNet):
         c = self.config
         B, H = x.shape[0], c.n_heads
         if state is not None:
-            if not isinstance(state, NAtSLState):
-                raise TypeError(
-                    f"state must be the NAtSLState this mixer returned, got {type(state).__name__}"
-                )
-            self.state_signature(B).check(state.signature)
+            self.check_state(state, NAtSLState, B)
         o_gdn, o_attn, q_raw, g, beta, new_state, decided = self.branches(x, state)
         out, mix = self.combine(o_gdn, o_attn, q_raw, x)
         pending = 1 if new_state.open_x.shape[1] else 0

@@ -104,14 +104,15 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        key = mechanism_key(type(self))
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(
-                f"{key}: router input must be a float tensor (N, d_model), got {type(x).__name__}"
+                f"{mechanism_key(type(self))}: router input must be a float tensor (N, d_model), "
+                f"got {type(x).__name__}"
             )
         if x.ndim != 2 or x.shape[1] != self.config.d_model:
             raise ValueError(
-                f"{key}: router input must be (N, d_model={self.config.d_model}) tokens, got {tuple(x.shape)}"
+                f"{mechanism_key(type(self))}: router input must be (N, d_model={self.config.d_model}) "
+                f"tokens, got {tuple(x.shape)}"
             )
         probs, weights, aux = self.route(x)
         mask = weights > 0
