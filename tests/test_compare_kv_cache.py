@@ -91,6 +91,22 @@ def test_report_has_the_kv_cache_section(kv_run):
     assert line.split(" | ")[4] == format(gate["loss"] - gate["reference_loss"], "+.3f")
 
 
+def test_printed_kv_tables_keep_a_variants_options(kv_run):
+    """rich would read "[qk_norm=true]" as markup and drop it: the KV-cache tables escape their cells."""
+    from rich.console import Console
+
+    from gatelab.lab.kv.rows import print_tables
+
+    results = copy.deepcopy(kv_run[2])
+    label = "softmax[qk_norm=true]"
+    results["config"]["mixers"] = [label if m == "softmax" else m for m in results["config"]["mixers"]]
+    for run in results["runs"]:
+        run["mixer"] = label if run["mixer"] == "softmax" else run["mixer"]
+    console = Console(width=400, record=True)
+    print_tables(results, console)
+    assert label in console.export_text()
+
+
 def test_merge_carries_the_rows_and_averages_over_seeds(kv_run, tmp_path):
     _, run_dir, results = kv_run
     first = {row["policy"]: row["loss"] for row in results["runs"][0]["kv_cache"]}

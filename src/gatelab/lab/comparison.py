@@ -102,14 +102,16 @@ def select_tasks(requested: list[str] | None, preset: Preset) -> list[str]:
 
 
 def resolve_device(device: str) -> str:
+    """``device`` checked against this machine by the trainer's own check (so a missing GPU is refused before
+    the first run, not by each run); "auto": cuda if available, else cpu."""
+    from gatelab.lab.train import check_device
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     try:
-        torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"--device {device!r} is not a valid torch device: {error}") from None
+        check_device(device)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--device: {error}") from None
     return device
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .rundir import atomic_write_json, atomic_write_text
-from .tables import finite, format_cell, markdown_table, mean_std, to_json_safe
+from .tables import finite, format_cell, markdown_table, mean_std, rich_table, to_json_safe
 
 # (key, header, format): one column of the comparison table, read from run_metrics(run)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -169,20 +169,12 @@ def task_heading(results: dict, task: str) -> str:
 def print_tables(results: dict, console=None) -> None:
     """Print one rich table per task."""
     from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
     console = console or Console()
     if console.width < 160 and not console.is_terminal:
         console = Console(width=160)  # a log file, not a screen: do not squeeze 15 columns into 80
     for task in results["config"]["tasks"]:
-        header, rows = table_rows(results, task)
-        table = Table(title=task_heading(results, task), show_lines=False)
-        for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*map(escape, row))  # a variant's "[options]" are text, not rich markup
-        console.print(table)
+        console.print(rich_table(task_heading(results, task), *table_rows(results, task)))
     from .kv.rows import print_tables as print_kv_tables
 
     print_kv_tables(results, console)

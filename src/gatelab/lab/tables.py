@@ -1,5 +1,5 @@
 """Formatting helpers shared by the lab's reports (compare, cache, kv rows): strict-JSON values,
-mean ± std over seeds, table cells and markdown tables. A leaf module: it imports nothing of gatelab."""
+mean ± std over seeds, table cells, markdown tables and rich tables. A leaf module: it imports nothing of gatelab."""
 
 from __future__ import annotations
 
@@ -53,3 +53,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def rich_table(title: str, header: list[str], rows: list[list[str]], left: int = 1):
+    """A rich Table of ``rows`` under ``header``, its first ``left`` columns left-aligned and the rest right.
+    Cells are escaped: rich would take a variant's options ("[gate=headwise]") for markup and drop them."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i < left else "right")
+    for row in rows:
+        table.add_row(*map(escape, row))
+    return table

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gatelab.lab.tables import finite, format_cell, markdown_table, mean_std
+from gatelab.lab.tables import finite, format_cell, markdown_table, mean_std, rich_table
 
 DEFAULT_BUDGETS = (0.5, 0.25)
 DEFAULT_GATE_STEPS = 100
@@ -294,17 +294,9 @@ def markdown_section(results: dict) -> list[str]:
 
 def print_tables(results: dict, console) -> None:
     """One rich table per task with KV-cache rows."""
-    from rich.table import Table
-
     if not has_rows(results):
         return
     for task in results["config"]["tasks"]:
         header, rows = table_rows(results, task)
-        if not any(row[1] != "no KV cache" for row in rows):
-            continue
-        table = Table(title=f"KV-cache policies, {heading(results, task)}")
-        for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i < 2 else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        if any(row[1] != "no KV cache" for row in rows):
+            console.print(rich_table(f"KV-cache policies, {heading(results, task)}", header, rows, left=2))

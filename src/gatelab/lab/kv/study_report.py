@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gatelab.lab.tables import format_cell
+
 
 def _pm(row: dict, key: str, digits: int) -> str:
-    text = f"{row[key]:.{digits}f}"
-    return text + f" ± {row[key + '_std']:.{digits}f}" if row.get("seeds", 1) > 1 else text
+    """``row[key]``, with `` ± row[key_std]`` when the row averages several seeds (see aggregate_rows)."""
+    stats = {"mean": row[key], "std": row.get(f"{key}_std"), "n": row.get("seeds", 1)}
+    return format_cell(stats, f".{digits}f")
 
 
 def plot(results: dict, path: Path) -> Path:
