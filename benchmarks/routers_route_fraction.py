@@ -13,19 +13,20 @@ from pathlib import Path
 
 import torch
 
+from gatelab.lab.diagnostics.compute import mixer_flops_per_token
 from gatelab.lab.inspect import task_of
 from gatelab.lab.models.lm import LM
 
 
 def flops(mixer, L: int) -> float:
-    if hasattr(mixer, "flops_per_token"):
-        return mixer.flops_per_token(L)
-    c = mixer.config
+    """A router's own count; Gated DeltaNet as nats_l counts its GDN branch (no short convolutions, 6 H K V
+    for the delta rule: the lab's count, with them and 7 H K V, would not compare with nats_l's); any other
+    mixer (softmax) by the lab's count."""
     if type(mixer).__name__ == "GatedDeltaNet":
+        c = mixer.config
         d, H, K, V = c.d_model, c.n_heads, c.key_dim, c.value_dim
         return 2 * d * (2 * H * K + 2 * H * V + 2 * H) + 2 * H * V * d + 6 * H * K * V
-    d, H, Hkv, D = c.d_model, c.n_heads, c.kv_heads, c.dim
-    return 2 * d * D * (H + 2 * Hkv) + 2 * H * D * d + H * 4 * D * (L + 1) / 2
+    return mixer_flops_per_token(mixer, L)
 
 
 def main(run: Path) -> None:
