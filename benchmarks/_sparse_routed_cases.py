@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from gatelab.ops.biformer import biformer
 from gatelab.ops.biformer.flex import biformer_block_mask
 from gatelab.ops.biformer.routing import route, routed_regions, to_regions
+from gatelab.ops.common.flex_blocks import run_flex
 from gatelab.ops.hip import hip, hip_select, token_mask
 from gatelab.ops.hip.flex import hip_block_mask
-from gatelab.ops.common.flex_blocks import run_flex
 from gatelab.ops.psa import psa, psa_levels, pyramid, pyramid_mask
 from gatelab.ops.psa.flex import psa_flex_inputs
 

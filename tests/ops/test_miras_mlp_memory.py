@@ -80,7 +80,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("key", list(CASES))
-@pytest.mark.parametrize("backend, chunk_size", [("chunk", 1), ("chunk", 4), ("reference", 1)])  # reference: chunk 1
+@pytest.mark.parametrize(
+    "backend, chunk_size", [("chunk", 1), ("chunk", 4), ("reference", 1)]
+)  # reference: chunk 1
 def test_mlp_memory_is_the_chunk_start_definition(key, chunk_size, backend):
     """In fp64: the l_q normalisation, LN and GELU of eleven steps amplify fp32 rounding (moneta's dk differs
     by 1.5e-3 relative in fp32, 6e-14 in fp64), so the two computations are compared where they are exact."""
