@@ -15,7 +15,7 @@ from gatelab.commands.compare import check_memory, select_mixers  # noqa: E402
 from gatelab.lab.presets import PRESETS  # noqa: E402
 from gatelab.registry import list_mechanisms  # noqa: E402
 
-PNGS = ("loss_curves", "mqar_accuracy", "sink_share", "max_activation", "speed")
+PNGS = ("loss_curves", "mqar_accuracy", "sink_share", "bos_share", "max_activation", "speed")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_quick_compare_runs_every_causal_mixer(quick_run):
     failed = [(r["mixer"], r["task"], r.get("error")) for r in results["runs"] if r["status"] != "ok"]
     assert not failed and rc == 0, failed
     assert results["environment"]["torch"] == torch.__version__ and results["environment"]["device"] == "cpu"
-    assert results["tasks"]["text"]["vocab_size"] == 256
+    text_info = results["tasks"]["text"]
+    assert text_info["vocab_size"] == 257 and text_info["bos"] is True and text_info["train_documents"] > 0
     for run in results["runs"]:
         assert math.isfinite(run["final"]["loss"]) and run["tokens_per_s"] > 0 and run["params"] > 0
         steps = PRESETS["quick"].for_task(run["task"]).steps
@@ -68,6 +69,11 @@ def test_quick_compare_runs_every_causal_mixer(quick_run):
         if run["mixer"] == "softmax":  # plain attention always exposes its probabilities
             assert all(0 < s <= 1 for s in diag["sink_share_layer"])
             assert diag["gate_mean"] == [None, None]
+            if run["task"] == "text":  # windows start with BOS: position 0 is both the first token and BOS
+                assert all(b >= s - 1e-6 for b, s in zip(diag["bos_share_layer"], diag["sink_share_layer"]))
+                assert 0 < diag["summary"]["bos_share"] <= 1 and diag["summary"]["bos_share_uniform"] > 0
+        if run["task"] != "text":  # mqar and idle report no BOS share
+            assert diag["summary"]["bos_share"] is None and diag["bos_share_layer"] == [None, None]
     text_run = next(r for r in results["runs"] if r["task"] == "text")
     assert text_run["task_info"] == results["tasks"]["text"]
     agg = results["aggregate"]
@@ -82,6 +88,8 @@ def test_quick_compare_writes_report_and_plots(quick_run):
         assert f"## {task} (" in report
     for mixer in results["config"]["mixers"]:
         assert report.count(f"| {mixer} |") == 3
+    text_table = report.split("## text (")[1].split("## idle (")[0]
+    assert "BOS share |" in text_table and "BOS share" not in report.split("## text (")[0].split("Columns")[0]
     for name in PNGS:
         png = (run_dir / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
@@ -118,6 +126,7 @@ def test_inspect_prints_the_diagnostics_of_saved_models(quick_run, capsys):
     for task in ("mqar", "text", "idle"):
         assert f"softmax__{task}__seed0 on {task}" in out
     assert "sink share" in out and "gated_softmax__" not in out
+    assert "BOS share" in out and "position 1 share" in out  # the text model's table
 
 
 @pytest.mark.parametrize(

@@ -102,3 +102,19 @@ def test_hf_without_transformers_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     assert main(["inspect", "--hf", "minilm"]) != 0
     assert "pip install gatelab[hf]" in capsys.readouterr().err
+
+
+def test_a_text_run_recorded_before_bos_is_rebuilt_without_it(tmp_path):
+    """A train summary whose text task has no "bos" option was trained on bytes only (vocab 256)."""
+    options = {"seq_len": 16, "max_bytes": 50_000}
+    (tmp_path / "train_summary.json").write_text(
+        json.dumps({"task": {"name": "text"}, "task_options": options})
+    )
+    task = task_of(tmp_path, None)
+    assert task.options["bos"] is False and task.vocab_size == 256 and task.bos_token is None
+    options["bos"] = True
+    (tmp_path / "train_summary.json").write_text(
+        json.dumps({"task": {"name": "text"}, "task_options": options})
+    )
+    task = task_of(tmp_path, None)
+    assert task.vocab_size == 257 and task.bos_token == 256

@@ -179,7 +179,7 @@ def test_inspect_refuses_a_corpus_path_the_run_folder_names(tmp_path, capsys, mo
 
     original = text.load_corpus
     monkeypatch.setattr(
-        text, "load_corpus", lambda corpus, max_bytes: read.append(corpus) or original(corpus, max_bytes)
+        text, "load_corpus", lambda corpus, *options: read.append(corpus) or original(corpus, *options)
     )
     assert main(["inspect", str(tmp_path / "run"), "--batches", "1", "--batch-size", "2", "--no-quant"]) == 1
     err = capsys.readouterr().err

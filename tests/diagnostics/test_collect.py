@@ -75,3 +75,77 @@ def test_collector_takes_hooked_modules_and_bidirectional_attention():
     assert result["attn_entropy_uniform"] == pytest.approx(math.log(6))
     with pytest.raises(ValueError, match="at least one batch"):
         Collector().result([])
+
+
+BOS = 16
+
+
+class PlantedBosLM(torch.nn.Module):
+    """Three layers with planted attention: on the BOS keys only (spread evenly over those visible), on the
+    first key only, and uniform over the visible keys."""
+
+    layer_keys = ["bos", "first", "uniform"]
+
+    def __init__(self, n_heads=2):
+        super().__init__()
+        self.n_heads = n_heads
+        self.embed = torch.nn.Embedding(BOS + 1, 4)
+
+    def forward(self, idx, states=None, *, return_internals=False):
+        B, T = idx.shape
+        h = self.embed(idx)
+        causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+        on_bos = (causal & (idx == BOS)[:, None, :]).float()  # (B, T, T): query t, key s
+        on_bos = (on_bos / on_bos.sum(-1, keepdim=True))[:, None].expand(B, self.n_heads, T, T)
+        first = torch.zeros(B, self.n_heads, T, T)
+        first[..., 0] = 1.0
+        uniform = (causal / causal.sum(-1, keepdim=True)).expand(B, self.n_heads, T, T)
+        mixers = [{"attn": on_bos}, {"attn": first}, {"attn": uniform}]
+        logits = h @ self.embed.weight.T
+        internals = {"hidden": [h] * 4, "block_out": [h] * 3, "mixers": mixers}
+        return (logits, [None] * 3, internals) if return_internals else (logits, [None] * 3)
+
+
+def test_bos_share_and_first_token_share_are_measured_apart():
+    T = 10
+    inputs = torch.randint(0, BOS, (3, T), generator=torch.Generator().manual_seed(0))
+    inputs[:, 0] = BOS
+    inputs[:, 5] = BOS  # a document starts inside the window
+    batches = [(inputs, inputs), (inputs[:2], inputs[:2])]
+    result = diagnose(PlantedBosLM(), batches, quantization=False, bos_token=BOS)
+    assert result["bos_token"] == BOS and result["layers"] == ["bos", "first", "uniform"]
+    # the BOS-only layer: all on BOS keys, but the first key holds only half of it once the second BOS is seen
+    assert result["bos_share"][0] == pytest.approx([1.0, 1.0])
+    assert result["sink_share"][0] == pytest.approx([(5 * 1.0 + 5 * 0.5) / T] * 2)
+    # the first-token layer: position 0 holds BOS, so both shares are 1; nothing on position 1
+    assert result["bos_share"][1] == result["sink_share"][1] == pytest.approx([1.0, 1.0])
+    assert result["first_content_share"][1] == pytest.approx([0.0, 0.0])
+    # uniform attention: its BOS share is the uniform baseline, its position-1 share the mean of 1 / (t + 1)
+    expected_bos = sum((1 if t < 5 else 2) / (t + 1) for t in range(T)) / T
+    assert result["bos_share_uniform"] == pytest.approx(expected_bos)
+    assert result["bos_share_layer"][2] == pytest.approx(expected_bos)
+    assert result["first_content_share_layer"][2] == pytest.approx(sum(1 / (t + 1) for t in range(1, T)) / T)
+    summary = result["summary"]
+    assert summary["bos_share"] == pytest.approx(1.0) and summary["sink_share"] == pytest.approx(1.0)
+    assert summary["bos_share_uniform"] == pytest.approx(expected_bos)
+    assert summary["first_content_share"] == pytest.approx(result["first_content_share_layer"][2])
+
+
+def test_bos_shares_are_none_without_a_bos_token(tiny_lm, batches):
+    result = diagnose(tiny_lm, batches, quantization=False)
+    assert result["bos_token"] is None and result["bos_share"] == [None, None, None]
+    assert result["bos_share_layer"] == [None] * 3 and result["first_content_share"] == [None] * 3
+    summary = result["summary"]
+    assert summary["bos_share"] is None and summary["bos_share_uniform"] is None
+    assert summary["first_content_share"] is None and summary["sink_share"] == pytest.approx(1.0)
+
+
+def test_collector_with_a_bos_token_needs_the_inputs():
+    from gatelab.lab.diagnostics import Collector
+
+    h = [torch.randn(2, 6, 4)] * 2
+    attn = {"attn": torch.full((2, 1, 6, 6), 1 / 6)}
+    with pytest.raises(ValueError, match="inputs must be the \\(B, T\\) token ids with B=2"):
+        Collector(bos_token=3).add(h, [h[0]], [attn])
+    with pytest.raises(ValueError, match="one key per input token: attn has S=8 keys, inputs T=6"):
+        Collector(bos_token=3).add(h, [h[0]], [{"attn": torch.full((2, 1, 6, 8), 1 / 8)}], torch.zeros(2, 6))

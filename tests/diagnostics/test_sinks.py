@@ -85,3 +85,17 @@ def test_key_share_sums_the_marked_keys():
         key_share(attn, keys.float())
     with pytest.raises(ValueError, match=r"bool mask of shape \(B, S\)"):
         key_share(attn, keys[:, :4])
+
+
+def test_uniform_key_share_is_the_key_share_of_uniform_attention():
+    from gatelab.lab.diagnostics import key_share, uniform_key_share
+
+    keys = torch.zeros(2, 6, dtype=torch.bool)
+    keys[:, 0], keys[1, 3] = True, True
+    causal = torch.tril(torch.ones(6, 6))
+    attn = (causal / causal.sum(-1, keepdim=True)).expand(2, 1, 6, 6)
+    assert uniform_key_share(keys) == pytest.approx(float(key_share(attn, keys)))
+    assert uniform_key_share(keys[:1]) == pytest.approx(uniform_first_token_share(6))
+    assert uniform_key_share(keys, causal=False) == pytest.approx(3 / 12)
+    with pytest.raises(ValueError, match="bool mask of shape \\(B, T\\)"):
+        uniform_key_share(keys.float())

@@ -162,7 +162,7 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
         peak_memory_bytes=result.peak_memory_bytes,
         peak_memory_kind=result.peak_memory_kind,
         params=model.num_parameters(),
-        diagnostics={} if spec.vision else diagnose(model, batches),
+        diagnostics={} if spec.vision else diagnose(model, batches, bos_token=task.bos_token),
         moe=None if spec.vision else moe_summary(model, batches),
         compute=None
         if spec.vision

@@ -85,6 +85,8 @@ def task_of(
             recorded_name, recorded_options = None, {}
         if name is None or name == recorded_name:
             name, options = recorded_name, dict(recorded_options)
+            if name == "text" and "bos" not in options:  # recorded before the text task had BOS: bytes only
+                options["bos"] = False
     if name is None:
         raise ValueError(f"{model_dir}: no train_summary.json says which task it was trained on; give --task")
     for option in PATH_OPTIONS.get(name, ()):
@@ -126,8 +128,10 @@ def diagnostic_table(result: dict) -> tuple[list[str], list[list[str]]]:
     top_dims = result.get("top_dims")
     per_head = max((len(h) for h in result["sink_share"] if h is not None), default=0) <= PER_HEAD_COLUMN
     gates = any(g is not None for g in result["gate_mean"])
+    bos = any(b is not None for b in result.get("bos_share_layer") or [])
     header = ["layer", "mixer", f"{first} share" if first else "sink share"]
     header += ["sink per head"] if per_head else []
+    header += ["BOS share", "position 1 share"] if bos else []
     header += [f"{name} share" for name in special] + ["attn entropy", "max act", "act max/median"]
     header += ["top dims"] if top_dims else []
     header += ["token kurtosis", "block inf-norm", "block kurtosis"]
@@ -138,6 +142,11 @@ def diagnostic_table(result: dict) -> tuple[list[str], list[list[str]]]:
         row = [str(i + 1), str(key), _fmt(result["sink_share_layer"][i], ".3f")]
         if per_head:
             row += ["-" if heads is None else " ".join(f"{h:.2f}" for h in heads)]
+        if bos:
+            row += [
+                _fmt(result["bos_share_layer"][i], ".3f"),
+                _fmt(result["first_content_share_layer"][i], ".3f"),
+            ]
         row += [_fmt(shares[i], ".3f") for shares in special.values()]
         row += [_fmt(result["attn_entropy_layer"][i], ".2f"), _fmt(result["max_activation"][i + 1], ".2f")]
         row += [_fmt(result["massive_ratio"][i + 1], ".0f")]
@@ -160,6 +169,11 @@ def summary_lines(result: dict) -> list[str]:
         f"max act {_fmt(s['max_activation'], '.2f')}, max inf-norm {_fmt(s['max_inf_norm'], '.2f')}, "
         f"avg kurtosis {_fmt(s['avg_kurtosis'], '.1f')}"
     ]
+    if s.get("bos_share") is not None:
+        lines.append(
+            f"BOS share {s['bos_share']:.3f} (uniform {_fmt(s.get('bos_share_uniform'), '.4f')}), position 1 "
+            f"share {_fmt(s.get('first_content_share'), '.3f')} (largest layer's head mean)"
+        )
     if s.get("special_share"):
         uniform = result.get("special_share_uniform", {})
         lines.append(
@@ -278,7 +292,10 @@ def inspect_run(
                     f"only {model.config.vocab_size}"
                 )
             result = diagnose(
-                model, model_task.eval_batches(batches, batch_size, seed=seed), quantization=quantization
+                model,
+                model_task.eval_batches(batches, batch_size, seed=seed),
+                quantization=quantization,
+                bos_token=model_task.bos_token,
             )
         except (ValueError, TypeError, OSError, RuntimeError) as error:
             failed += 1

@@ -103,19 +103,21 @@ def plot_mqar_accuracy(results: dict, path: Path) -> Path:
 
 
 def _plot_per_layer(
-    results: dict, path: Path, key: str, title: str, ylabel: str, log: bool, baseline: str | None
-):
-    tasks, mixers = results["config"]["tasks"], results["config"]["mixers"]
+    results: dict, path: Path, key: str, title: str, ylabel: str, log: bool, baseline: str | None,
+    tasks: list[str] | None = None,
+):  # fmt: skip
+    tasks = results["config"]["tasks"] if tasks is None else tasks
+    mixers = results["config"]["mixers"]
     colors = _colors(mixers)
     fig, axes = _grid(len(tasks))
     for ax, task in zip(axes, tasks):
         base = None
         for mixer in mixers:
             runs = [r for r in _ok_runs(results, task) if r["mixer"] == mixer]
-            curves = [r["diagnostics"][key] for r in runs if r.get("diagnostics")]
+            curves = [r["diagnostics"].get(key) for r in runs if r.get("diagnostics")]
             if key == "max_activation":
                 curves = [c[1:] for c in curves]  # h_1..h_L: after each block
-            if not curves or any(v is None for c in curves for v in c):
+            if not curves or any(c is None or any(v is None for v in c) for c in curves):
                 continue  # a layer without attention internals: nothing to draw
             mean = [sum(vals) / len(vals) for vals in zip(*curves)]
             ax.plot(range(1, len(mean) + 1), mean, marker="o", label=mixer, color=colors[mixer])
@@ -199,6 +201,15 @@ def make_plots(results: dict, out_dir: Path) -> dict[str, Path]:
         results, out_dir / "sink_share.png", "sink_share_layer", "first-token attention share", "share", False,
         "sink_share_uniform",
     )  # fmt: skip
+    with_bos = [
+        task for task in results["config"]["tasks"]
+        if any(v is not None for r in _ok_runs(results, task) for v in (r.get("diagnostics") or {}).get("bos_share_layer") or [])
+    ]  # fmt: skip
+    if with_bos:  # the share on every key holding BOS (position 0 and document starts), tasks with BOS only
+        plots["bos_share"] = _plot_per_layer(
+            results, out_dir / "bos_share.png", "bos_share_layer", "BOS attention share", "share", False,
+            "bos_share_uniform", with_bos,
+        )  # fmt: skip
     plots["max_activation"] = _plot_per_layer(
         results, out_dir / "max_activation.png", "max_activation", "max |h| after each block", "max |h|", True,
         None,

@@ -15,6 +15,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("loss", "eval loss", ".3f"),
     ("accuracy", "accuracy", ".3f"),
     ("sink_share", "sink share", ".3f"),
+    ("bos_share", "BOS share", ".3f"),
     ("attn_entropy", "attn entropy", ".2f"),
     ("max_activation", "max act", ".1f"),
     ("massive_ratio", "act max/median", ".0f"),
@@ -55,7 +56,9 @@ def columns(task: str) -> tuple[tuple[str, str, str], ...]:
 COLUMN_NOTES = (
     "eval loss / accuracy: final evaluation (accuracy at labelled positions, mqar and idle); "
     "sink share: the largest layer's mean share of attention on the first token (uniform attention would "
-    "give the baseline in the task's heading); attn entropy: mean over attention layers (nats); "
+    "give the baseline in the task's heading); BOS share (text with bos on): the largest layer's mean share "
+    "of attention on the keys holding BOS (position 0 and every document start in the window; '-' for a "
+    "task without BOS); attn entropy: mean over attention layers (nats); "
     "max act: largest absolute activation of the residual stream after any block, and act max/median its ratio to "
     "the median absolute activation of that layer; inf-norm / kurtosis: Quantizable Transformers' measures, "
     "per-sequence infinity norm (max over blocks) and Pearson kurtosis (mean over blocks) of each block's "
@@ -76,6 +79,7 @@ COLUMN_NOTES = (
     "run's device)."
 )
 MOE_COLUMNS = ("expert_load", "active_experts", "moe_aux")  # shown only where some run has an MoE MLP
+# "bos_share" is shown only where some run has a BOS share, "routed" only where some run routes
 
 
 def run_metrics(run: dict) -> dict[str, float | None]:
@@ -104,7 +108,7 @@ def run_metrics(run: dict) -> dict[str, float | None]:
         moe_aux=finite(moe.get("aux_loss")),
     )
     for key in (
-        "sink_share", "attn_entropy", "max_activation", "massive_ratio", "max_inf_norm", "avg_kurtosis",
+        "sink_share", "bos_share", "attn_entropy", "max_activation", "massive_ratio", "max_inf_norm", "avg_kurtosis",
         "w8a8_gap", "gate_mean", "gate_frac_below",
     ):  # fmt: skip
         out[key] = finite(summary.get(key))
@@ -131,7 +135,11 @@ def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
     agg = results["aggregate"].get(task, {})
     moe = any(r.get("moe") for r in results["runs"] if r["task"] == task)
     routed = any(((r.get("compute") or {}).get("route")) for r in results["runs"] if r["task"] == task)
-    table = [c for c in columns(task) if (moe or c[0] not in MOE_COLUMNS) and (routed or c[0] != "routed")]
+    bos = any(run_metrics(r)["bos_share"] is not None for r in results["runs"] if r["task"] == task)
+    table = [
+        c for c in columns(task)
+        if (moe or c[0] not in MOE_COLUMNS) and (routed or c[0] != "routed") and (bos or c[0] != "bos_share")
+    ]  # fmt: skip
     header = ["mixer"] + [h for _, h, _ in table]
     rows = []
     for mixer in results["config"]["mixers"]:
@@ -153,6 +161,12 @@ def task_heading(results: dict, task: str) -> str:
         if r["task"] == task and r["status"] == "ok" and r.get("diagnostics")
     ]
     uniform = next((u for u in uniform if u is not None), None)
+    bos_uniform = [
+        r["diagnostics"]["summary"].get("bos_share_uniform")
+        for r in results["runs"]
+        if r["task"] == task and r["status"] == "ok" and r.get("diagnostics")
+    ]
+    bos_uniform = next((u for u in bos_uniform if u is not None), None)
     parts = [
         f"{k}={v}"
         for k, v in info.items()
@@ -163,6 +177,8 @@ def task_heading(results: dict, task: str) -> str:
     text = f"{task} ({', '.join(parts)})" if parts else task
     if uniform is not None:
         text += f"; uniform first-token share {uniform:.3f}"
+    if bos_uniform is not None:
+        text += f", BOS share {bos_uniform:.3f}"
     return text
 
 
@@ -240,6 +256,7 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
         "loss_curves": "Training loss",
         "mqar_accuracy": "MQAR accuracy",
         "sink_share": "First-token attention share per layer",
+        "bos_share": "BOS attention share per layer",
         "max_activation": "Max absolute activation of the residual stream per layer",
         "speed": "Training speed",
     }

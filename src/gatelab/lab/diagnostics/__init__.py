@@ -19,6 +19,7 @@ from .sinks import (
     key_share,
     uniform_entropy,
     uniform_first_token_share,
+    uniform_key_share,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "token_kurtosis",
     "uniform_entropy",
     "uniform_first_token_share",
+    "uniform_key_share",
     "w8a8",
     "w8a8_loss",
 ]

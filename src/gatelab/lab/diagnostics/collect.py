@@ -12,7 +12,14 @@ import torch.nn as nn
 from .activations import massive_activation_stats, sequence_outlier_stats, token_kurtosis
 from .gates import gate_statistics
 from .quant import w8a8_loss
-from .sinks import attention_entropy, first_token_share, uniform_entropy, uniform_first_token_share
+from .sinks import (
+    attention_entropy,
+    first_token_share,
+    key_share,
+    uniform_entropy,
+    uniform_first_token_share,
+    uniform_key_share,
+)
 
 GATE_THRESHOLD = 0.1
 
@@ -39,12 +46,17 @@ class Collector:
 
     ``add`` takes one batch's internals; ``result`` gives the JSON-ready dict :func:`diagnose` returns.
     ``causal``: whether query t sees only keys <= t (sets the uniform-attention baselines).
+    ``bos_token``: the id of the task's beginning-of-document token; with it, ``add`` takes the inputs and
+    the result holds each head's share on the keys holding it and on position 1 (the first content token).
     """
 
-    def __init__(self, causal: bool = True):
-        self.causal = causal
+    def __init__(self, causal: bool = True, bos_token: int | None = None):
+        self.causal, self.bos_token = causal, bos_token
         self.n_seq = 0
+        self.bos_uniform_sum = 0.0
         self.sink_sum: list = []
+        self.bos_sum: list = []
+        self.content_sum: list = []
         self.entropy_sum: list = []
         self.gate_sum: list = []
         self.abs_hidden: list[list[torch.Tensor]] = []
@@ -53,7 +65,13 @@ class Collector:
         self.module_kurt: list[dict[str, list[torch.Tensor]]] = []
         self.T = self.S = None
 
-    def add(self, hidden: Sequence[torch.Tensor], block_out: Sequence, mixers: Sequence) -> None:
+    def add(
+        self,
+        hidden: Sequence[torch.Tensor],
+        block_out: Sequence,
+        mixers: Sequence,
+        inputs: torch.Tensor | None = None,
+    ) -> None:
         """One batch of B sequences.
 
         Args:
@@ -61,12 +79,23 @@ class Collector:
             block_out: L entries, each a (B, T, d_model) tensor (what the block adds to the residual
                 stream) or a dict module name -> (B, T, d) output of each module hooked in that layer.
             mixers: L dicts, optionally with "attn" (B, H, T, S) probabilities and "gate" (any shape).
+            inputs: (B, T) token ids, needed when the collector has a ``bos_token`` (keys = queries: S == T).
         """
         B = hidden[0].shape[0]
+        is_bos = None
+        if self.bos_token is not None:
+            if not isinstance(inputs, torch.Tensor) or inputs.ndim != 2 or inputs.shape[0] != B:
+                shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+                raise ValueError(
+                    f"inputs must be the (B, T) token ids with B={B} when bos_token is set, got {shape}"
+                )
+            is_bos = inputs == self.bos_token  # (B, T)
+            self.bos_uniform_sum += uniform_key_share(is_bos, self.causal) * B
         self.n_seq += B
         if not self.sink_sum:
             L = len(mixers)
             self.sink_sum, self.entropy_sum, self.gate_sum = [None] * L, [None] * L, [None] * L
+            self.bos_sum, self.content_sum = [None] * L, [None] * L
             self.abs_hidden = [[] for _ in hidden]
             self.token_kurt_sum = [0.0] * len(hidden)
             self.module_inf, self.module_kurt = [{} for _ in block_out], [{} for _ in block_out]
@@ -85,6 +114,8 @@ class Collector:
                 share, ent = first_token_share(attn).cpu() * B, attention_entropy(attn).cpu() * B
                 self.sink_sum[i] = share if self.sink_sum[i] is None else self.sink_sum[i] + share
                 self.entropy_sum[i] = ent if self.entropy_sum[i] is None else self.entropy_sum[i] + ent
+                if is_bos is not None:
+                    self._add_bos(i, attn, is_bos, B)
             gate = mix.get("gate") if isinstance(mix, dict) else None
             if isinstance(gate, torch.Tensor) and gate.numel():
                 stats = gate_statistics(gate, GATE_THRESHOLD)
@@ -96,6 +127,20 @@ class Collector:
                     prev[2] + n,
                 )
 
+    def _add_bos(self, i: int, attn: torch.Tensor, is_bos: torch.Tensor, B: int) -> None:
+        """Layer i's shares on the BOS keys and on position 1 (attn (B, H, T, S), is_bos (B, T))."""
+        if attn.shape[-1] != is_bos.shape[1]:
+            raise ValueError(
+                f"the BOS share needs one key per input token: attn has S={attn.shape[-1]} keys, inputs "
+                f"T={is_bos.shape[1]} tokens"
+            )
+        first_content = torch.zeros_like(is_bos)
+        first_content[:, 1:2] = True
+        bos = key_share(attn, is_bos).cpu() * B
+        content = key_share(attn, first_content).cpu() * B
+        self.bos_sum[i] = bos if self.bos_sum[i] is None else self.bos_sum[i] + bos
+        self.content_sum[i] = content if self.content_sum[i] is None else self.content_sum[i] + content
+
     def result(self, layers: list) -> dict:
         """The per-layer lists (None where a layer has no such internals). A layer's block inf-norm is the
         max over its hooked modules of their inf-norm averaged over sequences, its block kurtosis the mean
@@ -105,6 +150,8 @@ class Collector:
         if n_seq == 0:
             raise ValueError("diagnose needs at least one batch")
         sink = [None if s is None else (s / n_seq).tolist() for s in self.sink_sum]
+        bos = [None if s is None else (s / n_seq).tolist() for s in self.bos_sum]
+        content = [None if s is None else (s / n_seq).tolist() for s in self.content_sum]
         entropy = [None if e is None else (e / n_seq).tolist() for e in self.entropy_sum]
         massive = [massive_activation_stats(torch.cat(chunks)) for chunks in self.abs_hidden]
         modules = [
@@ -129,6 +176,12 @@ class Collector:
             "sink_share": sink,
             "sink_share_layer": [None if s is None else sum(s) / len(s) for s in sink],
             "sink_share_uniform": uniform_share,
+            "bos_token": self.bos_token,
+            "bos_share": bos,
+            "bos_share_layer": [None if s is None else sum(s) / len(s) for s in bos],
+            "bos_share_uniform": None if self.bos_token is None else self.bos_uniform_sum / n_seq,
+            "first_content_share": content,
+            "first_content_share_layer": [None if s is None else sum(s) / len(s) for s in content],
             "attn_entropy": entropy,
             "attn_entropy_layer": [None if e is None else sum(e) / len(e) for e in entropy],
             "attn_entropy_uniform": uniform_ent,
@@ -149,7 +202,11 @@ class Collector:
 
 @torch.no_grad()
 def diagnose(
-    model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, quantization: bool = True
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    quantization: bool = True,
+    bos_token: int | None = None,
 ) -> dict:
     """All diagnostics of ``model`` on ``batches``.
 
@@ -159,6 +216,9 @@ def diagnose(
             (B, T, d_model) and internals["mixers"] = L dicts (optionally "attn" (B, H, T, S), "gate").
         batches: list of (inputs (B, T) long, targets (B, T) long, -100 = ignored), all with the same T.
         quantization: also measure the loss after W8A8 fake quantisation (one more pass).
+        bos_token: the task's beginning-of-document token (``task.bos_token``); with it the result also
+            holds the share of attention on the keys holding it ("bos_share") and on position 1
+            ("first_content_share"), beside the first token's ("sink_share"); without it those are None.
     Returns:
         per-layer lists (None where a layer has no such internals, e.g. no "attn" for a recurrent mixer)
         and a "summary" dict of one number per diagnostic, for tables.
@@ -168,11 +228,11 @@ def diagnose(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    collector = Collector(causal=True)
+    collector = Collector(causal=True, bos_token=bos_token)
     try:
         for inputs, _targets in batches:
             _, _, internals = model(inputs.to(device), return_internals=True)
-            collector.add(internals["hidden"], internals["block_out"], internals["mixers"])
+            collector.add(internals["hidden"], internals["block_out"], internals["mixers"], inputs)
     finally:
         model.train(was_training)
     result = collector.result(_layer_keys(model, len(collector.sink_sum)))
@@ -188,6 +248,9 @@ def summarize(result: dict) -> dict:
     return {
         "sink_share": _max(result["sink_share_layer"]),
         "sink_share_uniform": result["sink_share_uniform"],
+        "bos_share": _max(result.get("bos_share_layer") or []),
+        "bos_share_uniform": result.get("bos_share_uniform"),
+        "first_content_share": _max(result.get("first_content_share_layer") or []),
         "attn_entropy": _mean(result["attn_entropy_layer"]),
         "max_activation": _max(result["max_activation"][1:]),
         "massive_ratio": _max(result["massive_ratio"][1:]),

@@ -91,3 +91,23 @@ def key_share(attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"keys must be a bool mask of shape (B, S) = {(B, S)}, got {shape}")
     p = as_distribution(attn)
     return (p * keys[:, None, None, :].to(p.device)).sum(dim=-1).mean(dim=(0, 2))
+
+
+def uniform_key_share(keys: torch.Tensor, causal: bool = True) -> float:
+    """The share of the marked keys that attention spread uniformly over the visible keys would give.
+
+    Args:
+        keys: (B, T) bool, True at the marked keys (queries and keys are the same T positions).
+        causal: query t sees keys 0..t (else all T).
+    Returns:
+        the mean over the batch and the queries of (marked keys visible to t) / (keys visible to t): the
+        baseline of :func:`key_share` (of :func:`uniform_first_token_share` when only key 0 is marked).
+    """
+    if not isinstance(keys, torch.Tensor) or keys.dtype != torch.bool or keys.ndim != 2:
+        shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise ValueError(f"keys must be a bool mask of shape (B, T), got {shape}")
+    marked = keys.float()
+    if not causal:
+        return float(marked.mean())
+    visible = torch.arange(1, keys.shape[1] + 1, device=keys.device)  # (T,)
+    return float((marked.cumsum(dim=1) / visible).mean())

@@ -19,6 +19,7 @@ class Task:
     name: str = ""
     vocab_size: int = 0
     seq_len: int = 0
+    bos_token: int | None = None  # id of the beginning-of-document token whose attention share is reported
 
     def __init__(self, **options):
         self.options = options  # what make_task(name, **options) needs to rebuild this task
