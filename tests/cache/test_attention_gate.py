@@ -110,7 +110,9 @@ def test_finetune_and_decode_eval_on_tiny_sizes():
     from gatelab.lab.tasks import make_task
 
     task = make_task("text", seq_len=16, max_bytes=50_000)
-    model = LM(LMConfig(d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=32))
+    model = LM(
+        LMConfig(vocab_size=task.vocab_size, d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=32)
+    )
     tuned, history = finetune_gates(model, task, target_keep=0.25, steps=12, batch_size=4, gate_lr=0.2)
     assert history[-1]["kept"] < history[0]["kept"]  # the eviction-rate loss pulls the kept share down
     batches = make_task("text", seq_len=32, max_bytes=50_000).eval_batches(1, 2)
@@ -299,7 +301,9 @@ def test_finetune_gates_depends_on_its_seed_only():
     from gatelab.lab.tasks import make_task
 
     task = make_task("text", seq_len=16, max_bytes=50_000)
-    model = LM(LMConfig(d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=16))
+    model = LM(
+        LMConfig(vocab_size=task.vocab_size, d_model=32, n_layers=1, n_heads=2, seed=0, max_seq_len=16)
+    )
     torch.manual_seed(1)
     _, first = finetune_gates(model, task, target_keep=0.5, steps=3, batch_size=2, seed=7)
     torch.rand(100)  # whatever ran before must not change the gates' init
@@ -313,7 +317,8 @@ def test_gates_trained_from_scratch_with_the_lm(tmp_path):
     from gatelab.lab.train import TrainConfig, train
 
     task = make_task("text", seq_len=16, max_bytes=50_000)
-    config = LMConfig(d_model=32, n_layers=2, n_heads=2, seed=0, max_seq_len=16, pattern="softmax,gla",
+    config = LMConfig(vocab_size=task.vocab_size, d_model=32, n_layers=2, n_heads=2, seed=0, max_seq_len=16,
+                      pattern="softmax,gla",
                       attention_gate={"target_keep": 0.25, "init_keep": 0.6})  # fmt: skip
     model = LM(config)
     assert _gate_count(model) == 1  # the softmax layer; gla keeps a recurrent state, no KV cache
