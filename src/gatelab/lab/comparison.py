@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -481,7 +481,9 @@ def apply_overrides(
             try:
                 lrs = [float(v) for v in split_list(lrs, "--lrs")]
             except ValueError:
-                raise ValueError(f"--lrs must be comma-separated learning rates, e.g. 1e-3,3e-3; got {lrs!r}")
+                raise ValueError(
+                    f"--lrs must be comma-separated learning rates, e.g. 1e-3,3e-3; got {lrs!r}"
+                ) from None
         overrides["lrs"] = check_lrs(lrs, "--lrs")
         if not overrides["lrs"]:
             raise ValueError("--lrs must list at least one learning rate")

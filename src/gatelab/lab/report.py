@@ -161,7 +161,7 @@ def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
             }
             scores = {lr: stats[lr].get(metric, {}).get("mean") for lr in stats}
 
-            def rank(lr, scores=scores):  # a learning rate without a score ranks last
+            def rank(lr, scores=scores, higher=higher):  # a learning rate without a score ranks last
                 score = scores[lr]
                 return (score is not None, (score if higher else -score) if score is not None else 0.0)
 
