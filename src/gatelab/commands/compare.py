@@ -48,9 +48,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="stop a run when its validation accuracy reaches ACC, e.g. 0.99 (default: the preset's)",
     )  # fmt: skip
     parser.add_argument(
-        "--workers", type=int, default=1,
+        "--workers", type=int, default=None,
         help="split the runs over this many processes of one CPU thread each and merge their reports "
-        "(default: 1)",
+        "(default: the preset's: 2 for default and zoology_cpu, else 1)",
     )  # fmt: skip
     parser.add_argument(
         "--shard", default=None, metavar="K/N",

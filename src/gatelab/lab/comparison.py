@@ -515,7 +515,7 @@ def compare(
     lrs: str | list | None = None,
     early_stop: float | None = None,
     shard: str | tuple[int, int] | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     out: str | Path = "runs",
     name: str | None = None,
     threads: int | None = None,
@@ -535,7 +535,10 @@ def compare(
     reaches it (0.99). ``shard`` ("K/N" or (K - 1, N)) runs every N-th run from the K-th: split a
     comparison over processes, then merge their folders (:func:`gatelab.lab.merge`). ``workers`` > 1 does
     that here: as many processes of one CPU thread each, their folders under ``<run folder>/shards/``
-    (with the models), merged into the run folder."""
+    (with the models), merged into the run folder (None: the preset's, 1 with ``shard`` or ``threads``)."""
+    if workers is None:
+        base = get_preset(preset) if isinstance(preset, str) else preset
+        workers = 1 if shard is not None or threads is not None else base.workers
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"--workers must be a positive int, got {workers!r}")
     if workers > 1:
