@@ -39,6 +39,25 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     parser.add_argument(
+        "--lrs", default=None,
+        help="learning rates, comma-separated, e.g. 1e-4,4.6e-4,2.2e-3,1e-2: every run trains at each and the "
+        "table reports the best per mixer and the spread (Zoology's protocol; default: the preset's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--early-stop", type=float, default=None, metavar="ACC",
+        help="stop a run when its validation accuracy reaches ACC, e.g. 0.99 (default: the preset's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="split the runs over this many processes of one CPU thread each and merge their reports "
+        "(default: the preset's: 2 for default and zoology_cpu, else 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard", default=None, metavar="K/N",
+        help="run every N-th run from the K-th (split a comparison over processes; join them with "
+        "gatelab merge)",
+    )  # fmt: skip
+    parser.add_argument(
         "--corpus", default=None, help="text file or folder for the text task (default: the stdlib)"
     )
     parser.add_argument("--name", default=None, help="run folder name (default: the preset's name)")
@@ -93,9 +112,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         mixers=args.mixers,
         tasks=None if args.tasks is None else split_list(args.tasks, "--tasks"),
         seed=args.seed, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size, device=args.device,
-        corpus=args.corpus, mlp=args.mlp,
+        corpus=args.corpus, mlp=args.mlp, lrs=args.lrs, early_stop=args.early_stop, shard=args.shard,
+        workers=args.workers,
         kv_cache=parse_options(args.kv_cache, args.kv_budgets, args.kv_gate_steps, args.kv_context),
         out=args.out, name=args.name, threads=args.threads, overwrite=args.overwrite,
         command_line=_command_line(args),
     )  # fmt: skip
-    return 0 if all(r["status"] == "ok" for r in results["runs"]) and not failures(results["runs"]) else 1
+    return (
+        0
+        if all(r["status"] in ("ok", "skipped") for r in results["runs"]) and not failures(results["runs"])
+        else 1
+    )

@@ -13,13 +13,14 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gatelab.lab import rundir
 from gatelab.lab.presets import Preset, get_preset
-from gatelab.lab.spec import Variant, build, check_memory, parse_variants, split_list
+from gatelab.lab.spec import RunSpec, Variant, build, check_memory, parse_variants, split_list
 
 PREFERRED = ("softmax", "gated_softmax", "clipped_softmax")  # first in every default comparison
 RUN_FILES = ("results.json", "models")  # what an earlier comparison left in its folder
@@ -135,18 +136,41 @@ def environment(device: str) -> dict:
     return env
 
 
-def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite: bool = False) -> dict:
-    """Train, evaluate and diagnose the run ``spec`` (a RunSpec) on ``task``; returns the results entry.
-    With ``kv_cache`` (kv.rows.KVCacheOptions) the trained model also decodes under each cache policy
-    (entry["kv_cache"], outside the run's wall_s)."""
+def run_entry(spec, setting: str | None = None, lr_sweep: bool = False) -> dict:
+    """The start of a run's results entry: its table (``task``: the setting's label, the task's name unless
+    a grid point), the task's name, the mixer, the seed, and the learning rate."""
+    entry = {"mixer": spec.label, "task": setting or spec.task, "seed": spec.seed, "status": "ok"}
+    entry.update(task_name=spec.task, lr=spec.lr, early_stop=spec.early_stop)
+    return entry
+
+
+def run_one(
+    spec,
+    task,
+    run_dir: Path,
+    progress: bool,
+    kv_cache=None,
+    overwrite: bool = False,
+    setting: str | None = None,
+    lr_sweep: bool = False,
+) -> dict:
+    """Train, evaluate and diagnose the run ``spec`` (a RunSpec) on ``task``; returns the results entry,
+    whose table is ``setting`` (a grid point's label; None: the task), its model folder named with the
+    learning rate when ``lr_sweep``. With ``kv_cache`` (kv.rows.KVCacheOptions) the trained model also
+    decodes under each cache policy (entry["kv_cache"], outside the run's wall_s)."""
     from gatelab.lab.diagnostics import diagnose
     from gatelab.lab.diagnostics.compute import compute_summary
     from gatelab.lab.spec import folder_name
     from gatelab.lab.train import train
     from gatelab.lab.train.routing import routing_options
 
-    entry = {"mixer": spec.label, "task": spec.task, "seed": spec.seed, "status": "ok"}
-    model_dir = run_dir / "models" / f"{folder_name(spec.label)}__{spec.task}__seed{spec.seed}"
+    entry = run_entry(spec, setting, lr_sweep)
+    lr_part = f"__lr{spec.lr:g}" if lr_sweep else ""
+    model_dir = (
+        run_dir
+        / "models"
+        / f"{folder_name(spec.label)}__{folder_name(entry['task'])}__seed{spec.seed}{lr_part}"
+    )
     t0 = time.perf_counter()
     _, model, train_config = build(spec, task, model_dir, overwrite=overwrite, progress=progress)
     model = model.to(spec.device)
@@ -158,6 +182,8 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
         final=result.final,
         history=result.history,
         train_wall_s=result.wall_s,
+        steps=result.steps,
+        stopped_early=result.stopped_early,
         tokens_per_s=result.tokens_per_s,
         peak_memory_bytes=result.peak_memory_bytes,
         peak_memory_kind=result.peak_memory_kind,
@@ -209,14 +235,37 @@ def _budget(preset: Preset) -> dict:
         "warmup",
         "eval_every",
     )
-    return {k: getattr(preset, k) for k in keys}
+    out = {k: getattr(preset, k) for k in keys}
+    if preset.lrs:
+        out["lrs"] = list(preset.learning_rates)
+    if preset.early_stop is not None:
+        out["early_stop"] = preset.early_stop
+    return out
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a comparison: its RunSpec, the table it goes to (``setting``) and whether its setting
+    sweeps learning rates."""
+
+    spec: RunSpec
+    setting: str
+    lr_sweep: bool
+    until_solved: bool = False  # skip this run when the same mixer already solved at an earlier lr
+
+    @property
+    def group(self) -> tuple:
+        return (self.spec.seed, self.setting, self.spec.label)
 
 
 def plan(preset: Preset, mixers: dict[str, list[Variant]], tasks: list[str], seeds: list[int], device: str,
-         corpus: str | None = None, kv_cache=None) -> tuple[dict, list]:  # fmt: skip
-    """Build every task and the RunSpec of every (seed, task, variant) run, in the order they run, and check
-    each against the memory available: everything is refused before the first minute of training.
-    Returns (task name -> task, [RunSpec])."""
+         corpus: str | None = None, kv_cache=None,
+         shard: tuple[int, int] = (0, 1)) -> tuple[dict, list[PlannedRun], dict]:  # fmt: skip
+    """Build every setting's task (a task, or each point of its grid) and every (seed, setting, variant,
+    learning rate) run, in the order they run, and check each against the memory available: everything is
+    refused before the first minute of training. ``shard`` (k, n) keeps every n-th run from the k-th (runs
+    split over processes, merged later). Returns (setting label -> task, [PlannedRun], setting label ->
+    Setting)."""
     from gatelab.lab.tasks import make_task
 
     if corpus is not None and "text" not in tasks:
@@ -227,26 +276,47 @@ def plan(preset: Preset, mixers: dict[str, list[Variant]], tasks: list[str], see
         raise ValueError(
             f"--kv-cache decodes LMs; drop the vision tasks {sorted(set(tasks) & set(VISION_TASKS))}"
         )
-    built, options = {}, {}
+    built, settings = {}, {}
     for name in tasks:
-        options[name] = dict(preset.task_options.get(name, {}))
+        options = dict(preset.task_options.get(name, {}))
         if name == "text" and corpus is not None:
             if not Path(corpus).exists():
                 raise FileNotFoundError(f"--corpus {corpus}: no such file or folder")
-            options[name]["corpus"] = str(corpus)
-        built[name] = make_task(name, **options[name])
-        check_memory(preset.for_task(name), built[name], device)
-        if kv_cache is not None and kv_cache.context > 1:
-            from gatelab.lab.kv.rows import longer_task
+            options["corpus"] = str(corpus)
+        for setting in preset.settings(name, options):
+            settings[setting.label] = setting
+            built[setting.label] = make_task(name, **setting.task_options)
+            check_memory(setting.budget, built[setting.label], device)
+            if kv_cache is not None and kv_cache.context > 1:
+                from gatelab.lab.kv.rows import longer_task
 
-            longer_task(built[name], kv_cache.context)  # refuse before training, not after
-    specs = [
-        preset.run_spec(task, variant, seed, device, task_options=options[task])
+                longer_task(built[setting.label], kv_cache.context)  # refuse before training, not after
+    groups = [  # the learning rates of one (seed, setting, variant) stay together, in one shard
+        [
+            PlannedRun(
+                setting.budget.run_spec(setting.task, variant, seed, device, setting.task_options, lr),
+                label,
+                len(setting.budget.learning_rates) > 1,
+                setting.budget.lrs_until_solved,
+            )
+            for lr in setting.budget.learning_rates
+        ]
         for seed in seeds
-        for task in tasks
-        for variant in mixers[task]
+        for label, setting in settings.items()
+        for variant in mixers[setting.task]
     ]
-    return built, specs
+    k, n = shard
+    return built, [run for group in groups[k::n] for run in group], settings
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``--shard K/N`` (1 <= K <= N) -> (K - 1, N): this process runs every N-th run from the K-th."""
+    if text is None:
+        return (0, 1)
+    k, slash, n = str(text).partition("/")
+    if not slash or not k.isdigit() or not n.isdigit() or not 1 <= int(k) <= int(n):
+        raise ValueError(f"--shard must be K/N with 1 <= K <= N (e.g. 1/2), got {text!r}")
+    return int(k) - 1, int(n)
 
 
 def run_compare(
@@ -263,6 +333,7 @@ def run_compare(
     console=None,
     kv_cache=None,
     overwrite: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Run the comparison and write the report; returns the results dict (as in results.json).
 
@@ -277,7 +348,7 @@ def run_compare(
 
     console = console or Console()
     run_dir = Path(run_dir)
-    built, specs = plan(preset, mixers, tasks, seeds, device, corpus, kv_cache)
+    built, planned, settings = plan(preset, mixers, tasks, seeds, device, corpus, kv_cache, shard)
     variants = {v.name: v.to_dict() for t in tasks for v in mixers[t]}
     results = {
         "name": run_dir.name,
@@ -292,15 +363,19 @@ def run_compare(
             "preset": preset.name,
             "mixers": list(variants),
             "variants": variants,
-            "task_mixers": {t: [v.name for v in mixers[t]] for t in tasks},
-            "task_config": {t: _budget(preset.for_task(t)) for t in tasks},
-            "tasks": tasks,
+            "task_mixers": {label: [v.name for v in mixers[s.task]] for label, s in settings.items()},
+            "task_config": {label: _budget(s.budget) for label, s in settings.items()},
+            # the tables: one per task, or per point of a task's grid (a run's "task" is its table)
+            "tasks": list(settings),
+            "task_names": tasks,
+            "grid": {label: {"task": s.task, **s.point} for label, s in settings.items() if s.point},
+            "shard": list(shard) if shard != (0, 1) else None,
             "seeds": seeds,
             "device": device,
             "kv_cache": kv_cache.to_dict() if kv_cache is not None else None,
         },
         "environment": environment(device),
-        "tasks": {name: task.describe() for name, task in built.items()},
+        "tasks": {label: task.describe() for label, task in built.items()},
         "skipped_mixers": skipped or {},
         "runs": [],
     }
@@ -308,21 +383,50 @@ def run_compare(
     with rundir.locked(run_dir):
         rundir.refuse_existing(run_dir, RUN_FILES, overwrite=overwrite)
         start = time.perf_counter()
+        counts = {}
+        for run in planned:
+            counts.setdefault(run.spec.task, set()).add(run.setting)
         console.print(
             f"[bold]gatelab compare[/] preset {preset.name}: "
-            + ", ".join(f"{len(mixers[t])} mixers x {preset.for_task(t).steps} steps on {t}" for t in tasks)
-            + f"; {len(seeds)} seed(s), {len(specs)} runs on {device} -> {run_dir}"
+            + ", ".join(
+                f"{len(mixers[t])} mixers x {preset.for_task(t).steps} steps on {t}"
+                + (f" ({len(counts.get(t, ()))} settings)" if t in preset.grid else "")
+                + (f" x {len(preset.for_task(t).learning_rates)} lrs" if preset.for_task(t).lrs else "")
+                for t in tasks
+            )
+            + f"; {len(seeds)} seed(s), {len(planned)} runs on {device} -> {run_dir}"
+            + (f" (shard {shard[0] + 1}/{shard[1]})" if shard != (0, 1) else "")
         )
         if skipped:
             console.print("not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
-        for i, spec in enumerate(specs, 1):
+        solved = set()  # (seed, setting, mixer) groups whose run at an earlier learning rate solved
+        for i, run in enumerate(planned, 1):
+            spec = run.spec
+            if run.until_solved and run.group in solved:
+                results["runs"].append({**run_entry(spec, run.setting, run.lr_sweep), "status": "skipped"})
+                continue
             # escaped: rich would take a variant's options ("[gate=headwise]") for markup and drop them
-            what = f"\\[{i}/{len(specs)}] {escape(spec.label)} on {spec.task} (seed {spec.seed})"
+            lr = f", lr {spec.lr:g}" if run.lr_sweep else ""
+            what = (
+                f"\\[{i}/{len(planned)}] {escape(spec.label)} on {escape(run.setting)} (seed {spec.seed}{lr})"
+            )
             try:
-                entry = run_one(spec, built[spec.task], run_dir, progress, kv_cache, overwrite)
+                entry = run_one(
+                    spec,
+                    built[run.setting],
+                    run_dir,
+                    progress,
+                    kv_cache,
+                    overwrite,
+                    run.setting,
+                    run.lr_sweep,
+                )
                 final = entry["final"]
                 acc = f", accuracy {final['accuracy']:.3f}" if "accuracy" in final else ""
                 acc += f", Dice {final['dice']:.3f}" if "dice" in final else ""
+                acc += f" (stopped at step {entry['steps']})" if entry.get("stopped_early") else ""
+                if entry.get("stopped_early"):
+                    solved.add(run.group)
                 console.print(
                     f"{what}: loss {final.get('loss', float('nan')):.3f}{acc}, "
                     f"{entry['tokens_per_s']:,.0f} tokens/s, {entry['wall_s']:.1f} s" + _kv_summary(entry)
@@ -330,7 +434,7 @@ def run_compare(
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as error:  # one broken mechanism must not sink the whole comparison
-                entry = {"mixer": spec.label, "task": spec.task, "seed": spec.seed, "status": "error"}
+                entry = {**run_entry(spec, run.setting, run.lr_sweep), "status": "error"}
                 entry["error"] = f"{type(error).__name__}: {error}"
                 console.print(f"{what} [red]failed: {entry['error']}[/]")
             results["runs"].append(entry)
@@ -356,8 +460,14 @@ def _kv_summary(entry: dict) -> str:
     )
 
 
-def apply_overrides(preset: Preset, **values) -> Preset:
-    """The preset with command-line values (None = keep) set on the base and on every task's budget."""
+def apply_overrides(
+    preset: Preset, *, lrs: str | list | None = None, early_stop: float | None = None, **values
+) -> Preset:
+    """The preset with command-line values (None = keep) set on the base and on every task's budget:
+    positive ints (steps, batch_size, seeds), ``lrs`` (text "1e-4,1e-3" or a list: the learning rates of
+    every run) and ``early_stop`` (an accuracy in (0, 1])."""
+    from gatelab.lab.presets import check_lrs
+
     overrides = {}
     for name, value in values.items():
         if value is not None:
@@ -366,6 +476,21 @@ def apply_overrides(preset: Preset, **values) -> Preset:
             overrides[name] = value
     if "steps" in overrides:  # evaluations follow the new step count
         overrides["eval_every"] = min(preset.eval_every, overrides["steps"])
+    if lrs is not None:
+        if isinstance(lrs, str):
+            try:
+                lrs = [float(v) for v in split_list(lrs, "--lrs")]
+            except ValueError:
+                raise ValueError(
+                    f"--lrs must be comma-separated learning rates, e.g. 1e-3,3e-3; got {lrs!r}"
+                ) from None
+        overrides["lrs"] = check_lrs(lrs, "--lrs")
+        if not overrides["lrs"]:
+            raise ValueError("--lrs must list at least one learning rate")
+    if early_stop is not None:
+        if isinstance(early_stop, bool) or not isinstance(early_stop, int | float) or not 0 < early_stop <= 1:
+            raise ValueError(f"--early-stop must be an accuracy in (0, 1], got {early_stop!r}")
+        overrides["early_stop"] = float(early_stop)
     dropped = set(overrides) | ({"eval_every"} if "steps" in overrides else set())
     task_overrides = {
         task: {k: v for k, v in changes.items() if k not in dropped}
@@ -387,6 +512,10 @@ def compare(
     corpus: str | None = None,
     kv_cache=None,
     mlp: str | list | None = None,
+    lrs: str | list | None = None,
+    early_stop: float | None = None,
+    shard: str | tuple[int, int] | None = None,
+    workers: int | None = None,
     out: str | Path = "runs",
     name: str | None = None,
     threads: int | None = None,
@@ -400,9 +529,31 @@ def compare(
     in its results.json). ``mlp``: MLP choices ("swiglu", "moe:<router>"; text or list) run with every
     variant, e.g. "swiglu,moe:topk,moe:comet" (None: each variant's own, SwiGLU by default). ``kv_cache``: a
     kv.rows.KVCacheOptions (see kv.rows.parse_options) or None;
-    ``threads``: torch CPU threads for this process (None: torch's choice)."""
+    ``threads``: torch CPU threads for this process (None: torch's choice). The Zoology protocol: ``lrs``
+    trains every run at each learning rate (text "1e-4,4.6e-4,2.2e-3,1e-2" or a list) and the table
+    reports the best per mixer with the spread; ``early_stop`` stops a run when its validation accuracy
+    reaches it (0.99). ``shard`` ("K/N" or (K - 1, N)) runs every N-th run from the K-th: split a
+    comparison over processes, then merge their folders (:func:`gatelab.lab.merge`). ``workers`` > 1 does
+    that here: as many processes of one CPU thread each, their folders under ``<run folder>/shards/``
+    (with the models), merged into the run folder (None: the preset's, 1 with ``shard`` or ``threads``)."""
+    if workers is None:
+        base = get_preset(preset) if isinstance(preset, str) else preset
+        workers = 1 if shard is not None or threads is not None else base.workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"--workers must be a positive int, got {workers!r}")
+    if workers > 1:
+        if shard is not None:
+            raise ValueError("--workers splits the comparison into shards itself; drop --shard")
+        return _compare_in_workers(
+            workers, preset, mixers=mixers, tasks=tasks, seed=seed, seeds=seeds, steps=steps,
+            batch_size=batch_size, device=device, corpus=corpus, kv_cache=kv_cache, mlp=mlp, lrs=lrs,
+            early_stop=early_stop, out=out, name=name, overwrite=overwrite, command_line=command_line,
+        )  # fmt: skip
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    preset = apply_overrides(preset, steps=steps, batch_size=batch_size, seeds=seeds)
+    preset = apply_overrides(
+        preset, steps=steps, batch_size=batch_size, seeds=seeds, lrs=lrs, early_stop=early_stop
+    )
+    shard = parse_shard(shard) if shard is None or isinstance(shard, str) else tuple(shard)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
     if threads is not None:
@@ -424,5 +575,32 @@ def compare(
     return run_compare(
         preset, chosen, tasks, list(range(seed, seed + preset.seeds)), device, run_dir,
         corpus=corpus, skipped=skipped, command_line=command_line, console=console, kv_cache=kv_cache,
-        overwrite=overwrite,
+        overwrite=overwrite, shard=shard,
     )  # fmt: skip
+
+
+def _compare_in_workers(workers: int, preset, *, out, name, overwrite, command_line, **options) -> dict:
+    """:func:`compare` as ``workers`` processes (one CPU thread each, shards 1..N of the runs), then one
+    report merged from their folders (``<run folder>/shards/<k>``) into the run folder."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gatelab.lab.report import merge_results, print_tables
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    run_dir = Path(out) / (name or preset.name)
+    rundir.refuse_existing(run_dir, RUN_FILES, overwrite=overwrite)
+    shards_dir = run_dir / "shards"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [
+            pool.submit(compare, preset, **options, shard=f"{k}/{workers}", threads=1, out=shards_dir,
+                        name=str(k), overwrite=overwrite, command_line=f"{command_line} (shard {k}/{workers})")
+            for k in range(1, workers + 1)
+        ]  # fmt: skip
+        parts = [job.result() for job in jobs]
+    merged = merge_results([shards_dir / str(k) for k in range(1, workers + 1)], run_dir, run_dir.name,
+                           overwrite=True)  # fmt: skip
+    print_tables(merged)
+    walls = ", ".join(f"{p['wall_s']:.0f}" for p in parts)
+    print(f"wrote {run_dir / 'report.md'} from {workers} worker processes ({walls} s)")
+    return merged

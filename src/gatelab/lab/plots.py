@@ -9,10 +9,30 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display: works on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+from .presets import SHORT  # noqa: E402
 
 
 def _ok_runs(results: dict, task: str | None = None) -> list[dict]:
-    return [r for r in results["runs"] if r["status"] == "ok" and (task is None or r["task"] == task)]
+    """The successful runs (of the table ``task``), at each mixer's best learning rate where they swept."""
+    agg = results.get("aggregate") or {}
+
+    def at_best(run: dict) -> bool:
+        best = (agg.get(run["task"], {}).get(run["mixer"]) or {}).get("best_lr")
+        return best is None or run.get("lr") == best["mean"]
+
+    return [
+        r
+        for r in results["runs"]
+        if r["status"] == "ok" and (task is None or r["task"] == task) and at_best(r)
+    ]
+
+
+def _tables(results: dict) -> list[str]:
+    """The tables the per-table plots draw: every table but the points of a grid (their plot is the sweep)."""
+    grid = results["config"].get("grid") or {}
+    return [t for t in results["config"]["tasks"] if t not in grid]
 
 
 def _colors(mixers: list[str]) -> dict[str, tuple]:
@@ -69,7 +89,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_loss_curves(results: dict, path: Path) -> Path:
-    tasks, mixers = results["config"]["tasks"], results["config"]["mixers"]
+    tasks, mixers = _tables(results), results["config"]["mixers"]
     colors = _colors(mixers)
     fig, axes = _grid(len(tasks))
     for ax, task in zip(axes, tasks):
@@ -106,7 +126,7 @@ def _plot_per_layer(
     results: dict, path: Path, key: str, title: str, ylabel: str, log: bool, baseline: str | None,
     tasks: list[str] | None = None,
 ):  # fmt: skip
-    tasks = results["config"]["tasks"] if tasks is None else tasks
+    tasks = _tables(results) if tasks is None else tasks
     mixers = results["config"]["mixers"]
     colors = _colors(mixers)
     fig, axes = _grid(len(tasks))
@@ -137,7 +157,7 @@ def _plot_per_layer(
 
 
 def plot_speed(results: dict, path: Path) -> Path:
-    tasks, mixers = results["config"]["tasks"], results["config"]["mixers"]
+    tasks, mixers = _tables(results), results["config"]["mixers"]
     fig, axes = _grid(1, width=max(6.0, 0.6 * len(mixers) * len(tasks) / 2 + 3))
     ax = axes[0]
     width = 0.8 / max(1, len(tasks))
@@ -189,12 +209,54 @@ def plot_quality_vs_compute(results: dict, task: str, path: Path) -> Path | None
     return _save(fig, path)
 
 
+def plot_sweep(results: dict, path: Path) -> Path | None:
+    """Zoology's Figure 2: the best accuracy over learning rates (mean over seeds) against d_model, one
+    panel per grid point without its d_model (e.g. MQAR at one (T, kv pairs)), a line per mixer. None when
+    no grid has a d_model axis."""
+    grid = results["config"].get("grid") or {}
+    agg = results.get("aggregate") or {}
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for label, point in grid.items():
+        if "d_model" not in point:
+            continue
+        rest = {k: v for k, v in point.items() if k not in ("task", "d_model")}
+        name = point["task"] + " " + " ".join(f"{SHORT.get(k, k)}={v}" for k, v in rest.items())
+        for mixer, stats in agg.get(label, {}).items():
+            value = (stats.get("accuracy") or {}).get("mean")
+            if value is not None:
+                panels.setdefault(name, {}).setdefault(mixer, []).append((point["d_model"], value))
+    if not panels:
+        return None
+    mixers = results["config"]["mixers"]
+    colors = _colors(mixers)
+    fig, axes = _grid(len(panels), width=4.2, height=3.6)
+    for ax, (name, lines) in zip(axes, panels.items()):
+        for mixer in mixers:
+            if mixer in lines:
+                xs, ys = zip(*sorted(lines[mixer]))
+                ax.plot(xs, ys, marker="o", ms=3, label=mixer, color=colors[mixer])
+        ax.set(title=name, xlabel="d_model", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02), xscale="log")
+        ax.set_xticks(sorted({x for line in lines.values() for x, _ in line}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    _legend(axes)
+    return _save(fig, path)
+
+
 def make_plots(results: dict, out_dir: Path) -> dict[str, Path]:
-    """Write the PNGs into ``out_dir``; returns name -> path (MQAR accuracy only when mqar was run)."""
+    """Write the PNGs into ``out_dir``; returns name -> path (MQAR accuracy only when mqar was run, the
+    sweep only for a grid with a d_model axis)."""
     out_dir = Path(out_dir)
     if not _ok_runs(results):
         return {}
-    plots = {"loss_curves": plot_loss_curves(results, out_dir / "loss_curves.png")}
+    plots = {}
+    sweep = plot_sweep(results, out_dir / "sweep.png")
+    if sweep is not None:
+        plots["sweep"] = sweep
+    if not _tables(results):
+        return plots
+    plots["loss_curves"] = plot_loss_curves(results, out_dir / "loss_curves.png")
     if _ok_runs(results, "mqar"):
         plots["mqar_accuracy"] = plot_mqar_accuracy(results, out_dir / "mqar_accuracy.png")
     plots["sink_share"] = _plot_per_layer(
@@ -202,8 +264,9 @@ def make_plots(results: dict, out_dir: Path) -> dict[str, Path]:
         "sink_share_uniform",
     )  # fmt: skip
     with_bos = [
-        task for task in results["config"]["tasks"]
-        if any(v is not None for r in _ok_runs(results, task) for v in (r.get("diagnostics") or {}).get("bos_share_layer") or [])
+        task for task in _tables(results)
+        if any(v is not None for r in _ok_runs(results, task)
+               for v in (r.get("diagnostics") or {}).get("bos_share_layer") or [])
     ]  # fmt: skip
     if with_bos:  # the share on every key holding BOS (position 0 and document starts), tasks with BOS only
         plots["bos_share"] = _plot_per_layer(
@@ -215,7 +278,7 @@ def make_plots(results: dict, out_dir: Path) -> dict[str, Path]:
         None,
     )  # fmt: skip
     plots["speed"] = plot_speed(results, out_dir / "speed.png")
-    for task in results["config"]["tasks"]:
+    for task in _tables(results):
         path = plot_quality_vs_compute(results, task, out_dir / f"quality_vs_compute_{task}.png")
         if path is not None:
             plots[f"quality_vs_compute_{task}"] = path

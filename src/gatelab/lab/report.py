@@ -4,6 +4,7 @@ table and the plots embedded; also the rich table printed on the terminal."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,6 +79,13 @@ COLUMN_NOTES = (
     "wall-clock time of one decoding step (batch 1, teacher-forced, second half of two sequences, on the "
     "run's device)."
 )
+SWEEP_NOTES = (
+    "With a learning-rate sweep (Zoology's protocol) every row reports the mixer at its best learning rate "
+    "(best lr: the best mean over seeds of the accuracy, or of the eval loss on text); over lrs: the range of "
+    "that mean across the learning rates. With early stopping, solved: the fraction of seeds whose final "
+    "accuracy reached the threshold (a run stops at the first evaluation that does; 0 means not solved "
+    "within the budget) and steps: the steps trained."
+)
 MOE_COLUMNS = ("expert_load", "active_experts", "moe_aux")  # shown only where some run has an MoE MLP
 # "bos_share" is shown only where some run has a BOS share, "routed" only where some run routes
 
@@ -107,6 +115,10 @@ def run_metrics(run: dict) -> dict[str, float | None]:
         active_experts=finite(moe.get("active_fraction")),
         moe_aux=finite(moe.get("aux_loss")),
     )
+    threshold = run.get("early_stop")
+    accuracy = out["accuracy"]
+    out["solved"] = None if threshold is None or accuracy is None else float(accuracy >= threshold)
+    out["steps"] = finite(run.get("steps"))
     for key in (
         "sink_share", "bos_share", "attn_entropy", "max_activation", "massive_ratio", "max_inf_norm", "avg_kurtosis",
         "w8a8_gap", "gate_mean", "gate_frac_below",
@@ -115,19 +127,65 @@ def run_metrics(run: dict) -> dict[str, float | None]:
     return out
 
 
+# the Zoology protocol's columns: shown where a table's runs swept learning rates / stopped early
+SWEEP_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("best_lr", "best lr", ".1e"),
+    ("lr_range", "over lrs", ".2f"),
+)
+SOLVED_COLUMNS: tuple[tuple[str, str, str], ...] = (("solved", "solved", ".2f"), ("steps", "steps", ".0f"))
+
+
+def selection_metric(task_name: str) -> tuple[str, bool]:
+    """(metric, higher is better) by which the best learning rate of a mixer is chosen on ``task_name``:
+    the eval loss on text (next-byte accuracy says less), Dice on digits_seg, accuracy elsewhere."""
+    return {"text": ("loss", False), "digits_seg": ("dice", True)}.get(task_name, ("accuracy", True))
+
+
 def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
-    """task -> mixer -> metric -> {"mean", "std", "n"} over the seeds of the successful runs."""
-    grouped: dict[str, dict[str, list[dict]]] = {}
+    """task -> mixer -> metric -> {"mean", "std", "n"} over the seeds of the successful runs, at the mixer's
+    best learning rate when its runs swept several (the best mean of :func:`selection_metric` over seeds;
+    a run's ``task`` is its table). Then also "best_lr" (its mean is the learning rate) and "lr_range"
+    ({"min", "max"} of the per-lr means of the selection metric); with early stopping "solved" (the fraction
+    of seeds whose accuracy reached the threshold) and "steps" (steps trained)."""
+    grouped: dict[str, dict[str, dict[float | None, list[dict]]]] = {}
+    names: dict[str, str] = {}
     for run in runs:
         if run.get("status") == "ok":
-            grouped.setdefault(run["task"], {}).setdefault(run["mixer"], []).append(run_metrics(run))
-    return {
-        task: {
-            mixer: {key: mean_std([m[key] for m in metrics]) for key, _, _ in columns(task)}
-            for mixer, metrics in by_mixer.items()
-        }
-        for task, by_mixer in grouped.items()
-    }
+            by_lr = grouped.setdefault(run["task"], {}).setdefault(run["mixer"], {})
+            by_lr.setdefault(run.get("lr"), []).append(run_metrics(run))
+            names[run["task"]] = run.get("task_name", run["task"])
+    out: dict = {}
+    for task, by_mixer in grouped.items():
+        metric, higher = selection_metric(names[task])
+        keys = [key for key, _, _ in columns(task) + SOLVED_COLUMNS]
+        out[task] = {}
+        for mixer, by_lr in by_mixer.items():
+            stats = {
+                lr: {key: mean_std([m[key] for m in rows]) for key in keys} for lr, rows in by_lr.items()
+            }
+            scores = {lr: stats[lr].get(metric, {}).get("mean") for lr in stats}
+
+            def rank(lr, scores=scores, higher=higher):  # a learning rate without a score ranks last
+                score = scores[lr]
+                return (score is not None, (score if higher else -score) if score is not None else 0.0)
+
+            best = max(stats, key=rank)
+            out[task][mixer] = dict(stats[best])
+            if len(stats) > 1:
+                values = [v for v in scores.values() if v is not None]
+                n = stats[best].get(metric, {}).get("n", 0)
+                out[task][mixer]["best_lr"] = {"mean": best, "std": None, "n": 1}
+                out[task][mixer]["lr_range"] = {
+                    "min": min(values, default=None), "max": max(values, default=None), "n": n,
+                    "metric": metric, "by_lr": {str(lr): scores[lr] for lr in sorted(stats, key=str)},
+                }  # fmt: skip
+    return out
+
+
+def best_lr(results: dict, task: str, mixer: str):
+    """The learning rate the table reports for ``mixer`` on ``task`` (None: the runs swept none)."""
+    stats = (results.get("aggregate") or aggregate(results["runs"])).get(task, {}).get(mixer, {})
+    return (stats.get("best_lr") or {}).get("mean")
 
 
 def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
@@ -140,6 +198,10 @@ def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
         c for c in columns(task)
         if (moe or c[0] not in MOE_COLUMNS) and (routed or c[0] != "routed") and (bos or c[0] != "bos_share")
     ]  # fmt: skip
+    if any("best_lr" in stats for stats in agg.values()):
+        table = list(SWEEP_COLUMNS) + table
+    if any(r.get("early_stop") is not None for r in results["runs"] if r["task"] == task):
+        table = list(SOLVED_COLUMNS) + table
     header = ["mixer"] + [h for _, h, _ in table]
     rows = []
     for mixer in results["config"]["mixers"]:
@@ -147,10 +209,21 @@ def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
             r for r in results["runs"] if r["task"] == task and r["mixer"] == mixer and r["status"] != "ok"
         ]
         if mixer in agg:
-            rows.append([mixer] + [format_cell(agg[mixer].get(k), f) for k, _, f in table])
+            rows.append([mixer] + [_cell(agg[mixer].get(k), k, f) for k, _, f in table])
         elif failed:
             rows.append([mixer, f"failed: {failed[0].get('error', '')[:60]}"] + [""] * (len(table) - 1))
     return header, rows
+
+
+def _cell(stats: dict | None, key: str, fmt: str) -> str:
+    """A table cell: mean ± std, the best learning rate alone, or the min-max range over learning rates."""
+    if key == "lr_range":
+        if not stats or stats.get("min") is None:
+            return "-"
+        return f"{stats['min']:{fmt}}-{stats['max']:{fmt}}"
+    if key == "best_lr":
+        return "-" if not stats or stats.get("mean") is None else f"{stats['mean']:g}"
+    return format_cell(stats, fmt)
 
 
 def task_heading(results: dict, task: str) -> str:
@@ -182,15 +255,43 @@ def task_heading(results: dict, task: str) -> str:
     return text
 
 
+def sweep_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The grid's summary: a row per mixer, a column per grid point, cells the accuracy at the best learning
+    rate (mean ± std over seeds) and that learning rate when the runs swept several. None without a grid."""
+    grid = results["config"].get("grid") or {}
+    if not grid:
+        return None
+    agg = results.get("aggregate") or aggregate(results["runs"])
+    labels = [t for t in results["config"]["tasks"] if t in grid]
+    header = ["mixer"] + [label.partition("(")[2].rstrip(")") or label for label in labels]
+    rows = []
+    for mixer in results["config"]["mixers"]:
+        cells = []
+        for label in labels:
+            stats = agg.get(label, {}).get(mixer)
+            cell = format_cell((stats or {}).get("accuracy"), ".2f")
+            if stats and stats.get("best_lr"):
+                cell += f" @{stats['best_lr']['mean']:g}"
+            cells.append(cell)
+        if any(c != "-" for c in cells):
+            rows.append([mixer, *cells])
+    return header, rows
+
+
 def print_tables(results: dict, console=None) -> None:
-    """Print one rich table per task."""
+    """Print one rich table per task (a grid: its summary, the points' tables are in report.md)."""
     from rich.console import Console
 
     console = console or Console()
     if console.width < 160 and not console.is_terminal:
         console = Console(width=160)  # a log file, not a screen: do not squeeze 15 columns into 80
+    grid = results["config"].get("grid") or {}
     for task in results["config"]["tasks"]:
-        console.print(rich_table(task_heading(results, task), *table_rows(results, task)))
+        if task not in grid:
+            console.print(rich_table(task_heading(results, task), *table_rows(results, task)))
+    sweep = sweep_table(results)
+    if sweep is not None:
+        console.print(rich_table("accuracy at the best learning rate per grid point", *sweep))
     from .kv.rows import print_tables as print_kv_tables
 
     print_kv_tables(results, console)
@@ -237,18 +338,29 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
     skipped = results.get("skipped_mixers") or {}
     if skipped:
         lines += ["Not run: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()), ""]
+    sweep = sweep_table(results)
+    if sweep is not None:
+        lines += ["## Accuracy at the best learning rate per grid point", "", markdown_table(*sweep), ""]
     for task in config["tasks"]:
         header, rows = table_rows(results, task)
         lines += [f"## {task_heading(results, task)}", ""]
         budget = (config.get("task_config") or {}).get(task)
         if budget:
+            lr = (
+                f"lrs {', '.join(f'{v:g}' for v in budget['lrs'])}"
+                if budget.get("lrs")
+                else f"lr {budget['lr']}"
+            )
+            stop = (
+                f"; stop at accuracy {budget['early_stop']}" if budget.get("early_stop") is not None else ""
+            )
             lines += [
                 f"{budget['n_layers']} layers, d_model {budget['d_model']}, {budget['n_heads']} heads; "
-                f"{budget['steps']} steps of batch {budget['batch_size']}, lr {budget['lr']}",
+                f"{budget['steps']} steps of batch {budget['batch_size']}, {lr}{stop}",
                 "",
             ]
         lines += [markdown_table(header, rows), ""]
-    lines += ["Columns: " + COLUMN_NOTES, ""]
+    lines += ["Columns: " + COLUMN_NOTES + " " + SWEEP_NOTES, ""]
     from .kv.rows import markdown_section
 
     lines += markdown_section(results)  # only when the run was asked for --kv-cache
@@ -259,6 +371,7 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
         "bos_share": "BOS attention share per layer",
         "max_activation": "Max absolute activation of the residual stream per layer",
         "speed": "Training speed",
+        "sweep": "Accuracy against d_model at the best learning rate (Zoology, Figure 2)",
     }
     for name, path in plots.items():
         lines += [f"## {titles.get(name, name)}", "", f"![{name}]({Path(path).name})", ""]
@@ -336,16 +449,21 @@ def merge_results(
     config["seeds"] = sorted({s for r in loaded for s in r["config"]["seeds"]})
     for key in ("task_config", "variants"):
         config[key] = _agreeing(loaded, list(run_dirs), key)
+    config["task_names"] = list(dict.fromkeys(t for r in loaded for t in r["config"].get("task_names", [])))
+    config["grid"] = {k: v for r in loaded for k, v in (r["config"].get("grid") or {}).items()}
+    config["shard"] = None
     config["task_mixers"] = {
         t: list(dict.fromkeys(m for r in loaded for m in (r["config"].get("task_mixers") or {}).get(t, [])))
         for t in config["tasks"]
     }
     config["mixers"] = list(dict.fromkeys(m for r in loaded for m in r["config"].get("mixers", [])))
     runs: dict[tuple, dict] = {}
-    for results in loaded:
+    for results, run_dir in zip(loaded, run_dirs):
         for run in results["runs"]:
+            if run.get("model_dir"):  # relative to the merged folder, so inspect finds the model
+                run = {**run, "model_dir": os.path.relpath(Path(run_dir) / run["model_dir"], out)}
             spec = json.dumps([config["task_config"].get(run["task"]), config["variants"].get(run["mixer"])])
-            key = (run["mixer"], run["task"], run["seed"], spec)
+            key = (run["mixer"], run["task"], run["seed"], run.get("lr"), spec)
             if key not in runs or (runs[key]["status"] != "ok" and run["status"] == "ok"):
                 runs[key] = run  # one run per key; a successful rerun replaces a failed one
     merged = {

@@ -198,6 +198,7 @@ class RunSpec:
     eval_every: int = 100
     eval_batches: int = 8
     eval_batch_size: int | None = None
+    early_stop: float | None = None  # TrainConfig.early_stop: stop when validation accuracy reaches it
     checkpoint_every: int = 0
     compile: bool = False
     diag_batches: int = 0  # batches of the diagnostics run after training (gatelab compare)

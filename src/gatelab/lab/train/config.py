@@ -35,6 +35,9 @@ class TrainConfig:
     stop_after: int | None = (
         None  # stop after this many steps (checkpointed), as if interrupted; resume later
     )
+    # stop early when an evaluation's validation accuracy reaches this (Zoology's protocol: 0.99); the run
+    # then counts as finished (model and summary written); None: train every step
+    early_stop: float | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -65,6 +68,15 @@ class TrainConfig:
             raise ValueError(f"eval_batch_size must be a positive int or None, got {self.eval_batch_size!r}")
         if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
             raise ValueError(f"stop_after must be a positive int or None, got {self.stop_after!r}")
+        if self.early_stop is not None:
+            value = self.early_stop
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                raise ValueError(f"early_stop must be an accuracy in (0, 1] or None, got {value!r}")
+            if not self.eval_batches or not self.eval_every:
+                raise ValueError(
+                    f"early_stop={value} needs evaluations during training: eval_batches and eval_every "
+                    f"must be > 0, got {self.eval_batches} and {self.eval_every}"
+                )
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
         if self.resume and self.overwrite:
@@ -105,8 +117,9 @@ class TrainResult:
     tokens_per_s: float = 0.0  # tokens fed per second of training (all ranks), excluding eval
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""  # "cuda_max_allocated" or "cpu_max_rss_delta"
-    steps: int = 0
+    steps: int = 0  # steps trained (fewer than config.steps after an early stop)
     num_parameters: int = 0
+    stopped_early: bool = False  # an evaluation reached config.early_stop
 
 
 def lr_at(step: int, config: TrainConfig, peak: float | None = None) -> float:
@@ -142,8 +155,11 @@ def run_spec(model, task, config: TrainConfig, groups: list[dict], extra_losses:
     the weights), the parameter groups and the names of the extra loss terms; JSON values."""
     model_config = getattr(model, "config", None)
     model_config = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
+    train = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUMABLE}
+    if train["early_stop"] is None:  # recorded only when set: checkpoints from before the option resume
+        del train["early_stop"]
     spec = {
-        "train": {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUMABLE},
+        "train": train,
         "task": task.describe(),
         "model": {"class": type(model).__name__, **{k: v for k, v in model_config.items() if k != "seed"}},
         "groups": [

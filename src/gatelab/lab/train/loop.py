@@ -138,6 +138,10 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
     t_start, train_time, tokens = time.perf_counter(), 0.0, 0
     metrics: dict = {}
     end = min(config.steps, config.stop_after or config.steps)
+    last = history[-1] if history else {}
+    stopped = last.get("split") == "val" and last.get("step") == start and _reached(last, config)
+    if stopped:  # a resumed run that had already stopped early: nothing left to train
+        end, metrics = start, last
     for step in range(start, end):
         t0 = time.perf_counter()
         lr = lr_at(step, config)
@@ -183,7 +187,9 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
             and done % config.eval_every == 0
             and done != config.steps
         ):
-            evaluate(done)
+            metrics = evaluate(done)
+            if _reached(metrics, config):
+                stopped, end = True, done
         if (
             out_dir is not None
             and config.checkpoint_every
@@ -195,7 +201,9 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
             ranks.barrier()
         if advance is not None:
             advance(loss, tokens / max(train_time, 1e-9))
-    finished = end == config.steps
+        if stopped:
+            break
+    finished = end == config.steps or stopped
     if finished and config.eval_batches:
         last = history[-1] if history else {}
         metrics = last if last.get("split") == "val" and last.get("step") == end else evaluate(end)
@@ -213,6 +221,7 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
         peak_memory_kind=kind,
         steps=end,
         num_parameters=sum(p.numel() for p in raw_model.parameters()),
+        stopped_early=stopped,
     )
     if writer:
         save_checkpoint(out_dir, raw_model, optimizer, end, generator, spec)
@@ -221,6 +230,15 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
         _write_summary(out_dir, result, config, task, ranks.world, start)
     ranks.barrier()
     return result
+
+
+def _reached(metrics: dict, config: TrainConfig) -> bool:
+    """Whether an evaluation's accuracy reaches ``config.early_stop`` (False when it is None)."""
+    if config.early_stop is None:
+        return False
+    if "accuracy" not in metrics:
+        raise ValueError(f"early_stop needs an accuracy from the task's evaluation, got {sorted(metrics)}")
+    return metrics["accuracy"] >= config.early_stop
 
 
 def _step(
