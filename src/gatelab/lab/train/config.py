@@ -9,9 +9,15 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+PARALLEL = ("ddp", "fsdp")
+
 
 @dataclass
 class TrainConfig:
+    """How a model is trained. ``parallel`` says how the ranks of a torchrun launch (WORLD_SIZE > 1) share
+    the model: "ddp" (a full replica on each, gradients all-reduced) or "fsdp" (FSDP2: parameters,
+    gradients and optimizer states sharded over the ranks); with one process both train the plain model."""
+
     steps: int = 1000
     batch_size: int = 32  # global batch (split across DDP ranks)
     lr: float = 3e-3
@@ -35,6 +41,7 @@ class TrainConfig:
     stop_after: int | None = (
         None  # stop after this many steps (checkpointed), as if interrupted; resume later
     )
+    parallel: str = "ddp"  # "ddp" | "fsdp" under torchrun; the checkpoint files are the same for both
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -65,6 +72,10 @@ class TrainConfig:
             raise ValueError(f"eval_batch_size must be a positive int or None, got {self.eval_batch_size!r}")
         if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
             raise ValueError(f"stop_after must be a positive int or None, got {self.stop_after!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(
+                f"parallel must be one of {', '.join(map(repr, PARALLEL))}, got {self.parallel!r}"
+            )
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
         if self.resume and self.overwrite:
@@ -122,8 +133,8 @@ def lr_at(step: int, config: TrainConfig, peak: float | None = None) -> float:
 
 
 # Fields a resume may change: where and how this process runs and when it stops or checkpoints, not what
-# is trained, on what, or what is logged. The device and torch.compile are among them (a run may move to
-# another machine); the resume is bit-exact only on the same device without compile.
+# is trained, on what, or what is logged. The device, torch.compile and DDP / FSDP are among them (a run may
+# move to another machine); the resume is bit-exact only on the same device and parallel mode without compile.
 RESUMABLE = (
     "out_dir",
     "resume",
@@ -133,6 +144,7 @@ RESUMABLE = (
     "checkpoint_every",
     "device",
     "compile",
+    "parallel",
 )
 
 
