@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from gatelab.lab.rundir import atomic_write_text, check_writable, locked
 from gatelab.lab.tasks import IGNORE, Task
@@ -24,7 +25,7 @@ from .checkpoint import load_checkpoint, read_metrics, refuse_earlier_run, remov
 from .config import TrainConfig, TrainResult, lr_at, run_spec
 from .groups import check_terms, default_terms, optimizer_groups, term_value
 from .runtime import Ranks, check_memory, max_rss_bytes
-from .sharding import Sharded, check_term
+from .sharding import Sharded, sharded_term
 
 
 def train(
@@ -271,9 +272,11 @@ def _step(
         pre_step(lambda: loss_sum_of_batch() * scale)
     loss_sum = loss_sum_of_batch()
     total = loss_sum * scale
-    terms = {name: term_value(name, fn(model)) for name, fn in extra_losses.items()}
-    for name, value in terms.items():
-        check_term(name, value)
+    sharded = isinstance(next(model.parameters()), DTensor)  # FSDP2
+    terms = {
+        name: term_value(name, sharded_term(name, fn, model) if sharded else fn(model))
+        for name, fn in extra_losses.items()
+    }
     for value in terms.values():
         total = total + value
     total.backward()

@@ -91,11 +91,17 @@ class Sharded:
         set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def check_term(name: str, value) -> None:
-    """Refuse an extra loss term that reads sharded parameters outside the forward (a DTensor): under
-    FSDP2 only the forward sees full parameters."""
+def sharded_term(name: str, fn, model: nn.Module):
+    """The extra loss ``fn(model)`` of the sharded model; a term that reads the parameters outside the
+    forward (only the forward sees them whole; elsewhere they are DTensor shards) is refused, naming it."""
+    hint = (
+        f"extra loss {name!r} reads the model's parameters outside its forward, where FSDP2 holds only their "
+        "shards: train this model with parallel='ddp'"
+    )
+    try:
+        value = fn(model)
+    except (RuntimeError, NotImplementedError) as error:  # e.g. a DTensor shard times a plain tensor
+        raise ValueError(f"{hint} ({type(error).__name__}: {error})") from error
     if isinstance(value, DTensor):
-        raise ValueError(
-            f"extra loss {name!r} reads the model's parameters outside its forward, which FSDP2 shards: "
-            "train this model with parallel='ddp'"
-        )
+        raise ValueError(hint)
+    return value
