@@ -146,3 +146,22 @@ def test_cli_takes_parallel(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", *CLI_ARGS, "--parallel", "zero", "--out", str(tmp_path / "x")])
     assert "invalid choice: 'zero'" in capsys.readouterr().err
+
+
+def test_an_extra_loss_reading_sharded_parameters_is_refused_by_name(tmp_path):
+    import torch.distributed as dist
+
+    from gatelab.lab.train.sharding import Sharded, sharded_term
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = tiny()
+        Sharded(model, [{"params": list(model.parameters())}], torch.device("cpu"), 1, keep_copy=False)
+        with pytest.raises(ValueError, match="extra loss 'weights'.*parallel='ddp'"):
+            sharded_term("weights", lambda m: m.embed.weight.square().sum(), model)
+        with pytest.raises(ValueError, match="extra loss 'mixed'.*parallel='ddp'"):
+            sharded_term("mixed", lambda m: (m.embed.weight * torch.ones(40, 16)).sum(), model)
+        assert sharded_term("number", lambda m: 0.5, model) == 0.5
+    finally:
+        dist.destroy_process_group()
