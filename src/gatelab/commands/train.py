@@ -3,6 +3,7 @@
     gatelab train --pattern "gated_deltanet*3,gated_softmax" --task mqar --d-model 64 --layers 4 \\
         --steps 2000 --out runs/hybrid
     torchrun --standalone --nproc_per_node 2 -m gatelab.cli train ...   # DDP (gloo on CPU, NCCL on GPU)
+    torchrun --standalone --nproc_per_node 2 -m gatelab.cli train --parallel fsdp ...   # FSDP2: sharded
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--parallel", choices=("ddp", "fsdp"), default="ddp",
+        help="under torchrun: a full replica per rank (ddp) or parameters, gradients and optimizer states "
+        "sharded over the ranks (fsdp, FSDP2); one process trains the plain model either way",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="run folder (default runs/train-<task>-<pattern>)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
@@ -110,7 +116,7 @@ def run_spec(args: argparse.Namespace):
         weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every if args.eval_every is not None else max(1, args.steps // 10),
         eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, compile=args.compile,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, parallel=args.parallel,
     )  # fmt: skip
 
 

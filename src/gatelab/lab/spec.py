@@ -205,6 +205,7 @@ class RunSpec:
     diag_batch_size: int = 0  # their rows (counted in the memory estimate)
     seed: int = 0
     device: str = "cpu"
+    parallel: str = "ddp"  # TrainConfig.parallel: "ddp" | "fsdp" under torchrun
 
     def __post_init__(self):
         from gatelab.lab.models.lm import parse_pattern

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,10 +56,9 @@ def _set_rng_state(tensors: dict, values: dict, generator: torch.Generator) -> N
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The optimizer's state_dict split into tensors (safetensors keys optimizer/<param index>/<name>) and
+def _optimizer_state(state: dict) -> tuple[dict, dict]:
+    """An optimizer's state_dict split into tensors (safetensors keys optimizer/<param index>/<name>) and
     JSON values (its param_groups and any non-tensor state)."""
-    state = optimizer.state_dict()
     tensors, values = {}, {}
     for index, entry in state["state"].items():
         for name, value in entry.items():
@@ -69,7 +69,8 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": state["param_groups"], "values": values}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, saved: dict) -> None:
+def _read_optimizer(tensors: dict, saved: dict) -> dict:
+    """The optimizer state_dict that :func:`_optimizer_state` split."""
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         kind, _, rest = key.partition("/")
@@ -81,22 +82,32 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, saved: dict
     # JSON turned tuples (AdamW's betas) into lists
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in saved["param_groups"]]  # fmt: skip
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(
-    out_dir: Path, model, optimizer, step: int, generator: torch.Generator, spec: dict | None = None
+    out_dir: Path,
+    model,
+    optimizer,
+    step: int,
+    generator: torch.Generator,
+    spec: dict | None = None,
+    *,
+    optimizer_state: dict | None = None,
 ) -> None:
     """Write the checkpoint folder next to the old one, manifest last, then swap it in by renames: a crash
     at any point leaves either the old or the new checkpoint whole. ``spec`` (see run_spec) is recorded
-    so that a resume can refuse another run's checkpoint."""
+    so that a resume can refuse another run's checkpoint. ``optimizer_state``: the state_dict to write
+    instead of ``optimizer.state_dict()`` (under FSDP the full one, gathered; ``optimizer`` then None)."""
     from safetensors.torch import save
 
     out_dir = Path(out_dir)
     final, tmp, old = out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.tmp", out_dir / f"{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp)
-    optimizer_tensors, optimizer_values = _optimizer_state(optimizer)
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
+    optimizer_tensors, optimizer_values = _optimizer_state(optimizer_state)
     rng_tensors, rng_values = _rng_state(generator)
     atomic_write_bytes(tmp / TRAINER_TENSORS, save({**optimizer_tensors, **rng_tensors}))
     state = {"format": FORMAT, "step": step, "spec": spec, "optimizer": optimizer_values, "rng": rng_values}
@@ -110,9 +121,18 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    out_dir: Path, model, optimizer, generator: torch.Generator, spec: dict | None = None
+    out_dir: Path,
+    model,
+    optimizer,
+    generator: torch.Generator,
+    spec: dict | None = None,
+    *,
+    restore: Callable[[dict, dict], None] | None = None,
 ) -> int:
     """Restore model, optimizer and RNG states; returns the number of steps already done.
+
+    ``restore(model_tensors, optimizer_state_dict)`` loads the two full states instead of
+    ``model.load_tensors`` and ``optimizer.load_state_dict`` (under FSDP: into this rank's shards).
 
     Every file is checked against the checkpoint's manifest first (IntegrityError naming the one that
     differs). With ``spec``, a checkpoint whose recorded spec differs in anything but the RESUMABLE fields
@@ -143,10 +163,15 @@ def load_checkpoint(
                 f"change only {', '.join(RESUMABLE)}; start a new run in another folder or overwrite this one"
             )
     device = next(model.parameters()).device
-    model.load_tensors(read_safetensors(folder / "model.safetensors", device=str(device)))
+    model_tensors = read_safetensors(folder / "model.safetensors", device=str(device))
     tensors = read_safetensors(folder / TRAINER_TENSORS)
     try:
-        _load_optimizer(optimizer, tensors, state["optimizer"])
+        optimizer_state = _read_optimizer(tensors, state["optimizer"])
+        if restore is None:
+            model.load_tensors(model_tensors)
+            optimizer.load_state_dict(optimizer_state)
+        else:
+            restore(model_tensors, optimizer_state)
         _set_rng_state(tensors, state["rng"], generator)
         return int(state["step"])
     except (KeyError, TypeError, ValueError) as error:

@@ -9,9 +9,15 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+PARALLEL = ("ddp", "fsdp")
+
 
 @dataclass
 class TrainConfig:
+    """How a model is trained. ``parallel`` says how the ranks of a torchrun launch (WORLD_SIZE > 1) share
+    the model: "ddp" (a full replica on each, gradients all-reduced) or "fsdp" (FSDP2: parameters,
+    gradients and optimizer states sharded over the ranks); with one process both train the plain model."""
+
     steps: int = 1000
     batch_size: int = 32  # global batch (split across DDP ranks)
     lr: float = 3e-3
@@ -38,6 +44,7 @@ class TrainConfig:
     # stop early when an evaluation's validation accuracy reaches this (Zoology's protocol: 0.99); the run
     # then counts as finished (model and summary written); None: train every step
     early_stop: float | None = None
+    parallel: str = "ddp"  # "ddp" | "fsdp" under torchrun; the checkpoint files are the same for both
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -77,6 +84,10 @@ class TrainConfig:
                     f"early_stop={value} needs evaluations during training: eval_batches and eval_every "
                     f"must be > 0, got {self.eval_batches} and {self.eval_every}"
                 )
+        if self.parallel not in PARALLEL:
+            raise ValueError(
+                f"parallel must be one of {', '.join(map(repr, PARALLEL))}, got {self.parallel!r}"
+            )
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
         if self.resume and self.overwrite:
@@ -135,8 +146,8 @@ def lr_at(step: int, config: TrainConfig, peak: float | None = None) -> float:
 
 
 # Fields a resume may change: where and how this process runs and when it stops or checkpoints, not what
-# is trained, on what, or what is logged. The device and torch.compile are among them (a run may move to
-# another machine); the resume is bit-exact only on the same device without compile.
+# is trained, on what, or what is logged. The device, torch.compile and DDP / FSDP are among them (a run may
+# move to another machine); the resume is bit-exact only on the same device and parallel mode without compile.
 RESUMABLE = (
     "out_dir",
     "resume",
@@ -146,6 +157,7 @@ RESUMABLE = (
     "checkpoint_every",
     "device",
     "compile",
+    "parallel",
 )
 
 

@@ -1,4 +1,5 @@
-"""The training loop: one process or DDP under torchrun, checkpoints and exact resume, JSONL metrics."""
+"""The training loop: one process, or DDP or FSDP2 under torchrun, checkpoints and exact resume, JSONL
+metrics."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from gatelab.lab.rundir import atomic_write_text, check_writable, locked
 from gatelab.lab.tasks import IGNORE, Task
@@ -23,6 +25,7 @@ from .checkpoint import load_checkpoint, read_metrics, refuse_earlier_run, remov
 from .config import TrainConfig, TrainResult, lr_at, run_spec
 from .groups import check_terms, default_terms, optimizer_groups, term_value
 from .runtime import Ranks, check_memory, max_rss_bytes
+from .sharding import Sharded, sharded_term
 
 
 def train(
@@ -48,7 +51,10 @@ def train(
 
     Under torchrun every rank draws the same global batch and trains on its slice; the loss of each slice
     is normalised by the global count of labelled tokens, so the summed gradients equal those of one
-    process on the whole batch. Rank 0 holds the lock of ``out_dir`` for the whole run and writes the
+    process on the whole batch. ``config.parallel="fsdp"`` shards the model, its gradients and the AdamW
+    states over the ranks (FSDP2, see :mod:`.sharding`) instead of replicating them; the checkpoint and the
+    saved model hold the full tensors either way, so a run resumes under either mode or in one process.
+    Rank 0 holds the lock of ``out_dir`` for the whole run and writes the
     files: ``metrics.jsonl`` (one JSON row per logged step and per eval), ``checkpoint/`` and, at the end,
     the model (``model.safetensors`` + ``config.json`` + ``manifest.json``) and ``train_summary.json``.
     An ``out_dir`` holding an earlier run is refused unless ``config.resume`` or ``config.overwrite``.
@@ -67,6 +73,10 @@ def train(
     ranks = Ranks.setup(config.device)
     if ranks.world > 1 and config.batch_size % ranks.world:
         raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the {ranks.world} DDP ranks")
+    if pre_step is not None and config.parallel == "fsdp" and ranks.world > 1:
+        raise ValueError(
+            "parallel='fsdp' does not support a pre_step (its own pass over the model); use 'ddp'"
+        )
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     with contextlib.ExitStack() as stack:
         if out_dir is not None:
@@ -95,16 +105,36 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
     random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     groups = optimizer_groups(model, config, groups)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
     spec = run_spec(raw_model, task, config, groups, extra_losses) if out_dir is not None else None
     writer = out_dir is not None and ranks.rank == 0
+    sharded = None  # FSDP2: the model sharded in place (raw_model is that module), groups on its shards
+    if config.parallel == "fsdp" and ranks.world > 1:
+        sharded = Sharded(model, groups, device, ranks.world, keep_copy=writer)
+        groups = sharded.groups
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
     start, history = 0, []
     if config.resume:
-        start = load_checkpoint(out_dir, raw_model, optimizer, generator, spec=spec)
+        restore = None if sharded is None else lambda tensors, state: sharded.load(optimizer, tensors, state)
+        start = load_checkpoint(out_dir, raw_model, optimizer, generator, spec=spec, restore=restore)
         history = read_metrics(out_dir / "metrics.jsonl", start)
     if writer:  # rewrite the metrics so far (drops rows logged after the checkpoint we resume from)
         atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    if ranks.world > 1:
+
+    def checkpoint(step: int, final: bool = False) -> None:
+        """Rank 0 writes the checkpoint (and the final model): under FSDP every rank first joins in
+        gathering the full states, so the files are those of one process."""
+        model_out, optimizer_state = raw_model, None
+        if sharded is not None:
+            model_out = sharded.full_model()
+            optimizer_state = sharded.full_optimizer_state(optimizer)
+        if writer:
+            save_checkpoint(
+                out_dir, model_out, optimizer, step, generator, spec, optimizer_state=optimizer_state
+            )
+            if final:
+                model_out.save(out_dir)
+
+    if ranks.world > 1 and sharded is None:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -196,8 +226,7 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
             and done % config.checkpoint_every == 0
             and done != config.steps
         ):
-            if ranks.rank == 0:
-                save_checkpoint(out_dir, raw_model, optimizer, done, generator, spec)
+            checkpoint(done)
             ranks.barrier()
         if advance is not None:
             advance(loss, tokens / max(train_time, 1e-9))
@@ -223,10 +252,9 @@ def _run(model, task, config, ranks, out_dir, groups, extra_losses, monitors, st
         num_parameters=sum(p.numel() for p in raw_model.parameters()),
         stopped_early=stopped,
     )
-    if writer:
-        save_checkpoint(out_dir, raw_model, optimizer, end, generator, spec)
+    if out_dir is not None:
+        checkpoint(end, final=finished)
     if writer and finished:
-        raw_model.save(out_dir)
         _write_summary(out_dir, result, config, task, ranks.world, start)
     ranks.barrier()
     return result
@@ -262,7 +290,11 @@ def _step(
         pre_step(lambda: loss_sum_of_batch() * scale)
     loss_sum = loss_sum_of_batch()
     total = loss_sum * scale
-    terms = {name: term_value(name, fn(model)) for name, fn in extra_losses.items()}
+    sharded = isinstance(next(model.parameters()), DTensor)  # FSDP2
+    terms = {
+        name: term_value(name, sharded_term(name, fn, model) if sharded else fn(model))
+        for name, fn in extra_losses.items()
+    }
     for value in terms.values():
         total = total + value
     total.backward()
