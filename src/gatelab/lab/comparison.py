@@ -146,6 +146,8 @@ def run_one(spec, task, run_dir: Path, progress: bool, kv_cache=None, overwrite:
     from gatelab.lab.train.routing import routing_options
 
     entry = {"mixer": spec.label, "task": spec.task, "seed": spec.seed, "status": "ok"}
+    if not spec.vision:
+        entry["arch"] = {"positions": spec.positions, "norm": spec.norm, "mlp": spec.mlp}
     model_dir = run_dir / "models" / f"{folder_name(spec.label)}__{spec.task}__seed{spec.seed}"
     t0 = time.perf_counter()
     _, model, train_config = build(spec, task, model_dir, overwrite=overwrite, progress=progress)
@@ -387,6 +389,7 @@ def compare(
     corpus: str | None = None,
     kv_cache=None,
     mlp: str | list | None = None,
+    arch: str | list | None = None,
     out: str | Path = "runs",
     name: str | None = None,
     threads: int | None = None,
@@ -398,7 +401,9 @@ def compare(
     ``seeds`` seeds from ``seed`` on, under ``preset`` (a name or a Preset; ``steps`` / ``batch_size`` /
     ``seeds`` override it on every task); write ``out/<name or preset name>/`` and return the results (as
     in its results.json). ``mlp``: MLP choices ("swiglu", "moe:<router>"; text or list) run with every
-    variant, e.g. "swiglu,moe:topk,moe:comet" (None: each variant's own, SwiGLU by default). ``kv_cache``: a
+    variant, e.g. "swiglu,moe:topk,moe:comet" (None: each variant's own, SwiGLU by default). ``arch``:
+    architectures (keys of lm.ARCHITECTURES, "gpt2,llama"; text or list) crossed with every variant after
+    ``mlp`` (an MLP other than SwiGLU stays; None: each variant's own). ``kv_cache``: a
     kv.rows.KVCacheOptions (see kv.rows.parse_options) or None;
     ``threads``: torch CPU threads for this process (None: torch's choice)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -417,6 +422,9 @@ def compare(
         if mlp is not None:
             mlps = split_list(mlp, "--mlp") if isinstance(mlp, str) else list(mlp)
             chosen[task] = parse_variants([v.with_mlp(m) for v in chosen[task] for m in mlps])
+        if arch is not None:
+            archs = split_list(arch, "--arch") if isinstance(arch, str) else list(arch)
+            chosen[task] = parse_variants([v.with_arch(a) for v in chosen[task] for a in archs])
         if not chosen[task]:
             raise ValueError(f"no mixer to compare on {task}: none of the requested mechanisms is registered")
     device = resolve_device(device)

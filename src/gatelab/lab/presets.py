@@ -102,6 +102,8 @@ class Preset:
             "mixer_options": variant.mixer_options(base),
             "mlp": variant.mlp,
             "mlp_options": dict(variant.mlp_options),
+            "positions": variant.positions,
+            "norm": variant.norm,
             "warmup": min(budget.warmup, budget.steps - 1),
             "seed": seed,
             "device": device,
