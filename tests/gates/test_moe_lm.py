@@ -67,11 +67,11 @@ def test_moe_lm_options_reach_the_mlp_and_router_and_save_load(tmp_path):
 
 def test_moe_lm_config_errors():
     with pytest.raises(
-        ValueError, match=r"mlp must be 'swiglu' or 'moe:<router>'.*aw_moe, comet.*got 'moe:nope'"
+        ValueError, match=r"mlp must be 'swiglu', 'gelu' or 'moe:<router>'.*aw_moe, comet.*got 'moe:nope'"
     ):
         small(mlp="moe:nope")
-    with pytest.raises(ValueError, match="got 'gelu'"):
-        small(mlp="gelu")
+    with pytest.raises(ValueError, match="got 'relu'"):  # gelu is a dense MLP (tests/models/test_lm_arch.py)
+        small(mlp="relu")
     with pytest.raises(ValueError, match="apply to an MoE MLP; mlp is 'swiglu'"):
         small(mlp_options={"n_experts": 8})
     with pytest.raises(ValueError, match=r"topk: k must be in \[1, n_experts=2\]"):
@@ -151,7 +151,9 @@ def test_variants_carry_the_mlp_choice_to_the_run():
     assert [v.name for v in crossed] == ["softmax", "softmax[mlp=moe:topk]", "gs", "gs+moe:topk"]
     with pytest.raises(ValueError, match="already chooses its MLP"):
         variant.with_mlp("moe:topk")
-    with pytest.raises(ValueError, match=r"softmax\[mlp=moe:bad\]: mlp must be 'swiglu' or 'moe:<router>'"):
+    with pytest.raises(
+        ValueError, match=r"softmax\[mlp=moe:bad\]: mlp must be 'swiglu', 'gelu' or 'moe:<router>'"
+    ):
         PRESETS["quick"].run_spec("mqar", Variant.parse("softmax[mlp=moe:bad]"))
 
 

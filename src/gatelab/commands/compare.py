@@ -25,6 +25,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "gatelab list --family gate), e.g. 'swiglu,moe:topk,moe:comet' (default: SwiGLU)",
     )  # fmt: skip
     parser.add_argument(
+        "--arch", default=None,
+        help="architectures run with every mixer: comma-separated gpt2 (learned positions, LayerNorm, GELU "
+        "MLP) and llama (RoPE, RMSNorm, SwiGLU; the default), e.g. 'gpt2,llama'",
+    )  # fmt: skip
+    parser.add_argument(
         "--tasks",
         default=None,
         help="comma-separated tasks: mqar, text, idle, digits, digits_seg (default: the preset's)",
@@ -112,7 +117,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         mixers=args.mixers,
         tasks=None if args.tasks is None else split_list(args.tasks, "--tasks"),
         seed=args.seed, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size, device=args.device,
-        corpus=args.corpus, mlp=args.mlp, lrs=args.lrs, early_stop=args.early_stop, shard=args.shard,
+        corpus=args.corpus, mlp=args.mlp, arch=args.arch, lrs=args.lrs, early_stop=args.early_stop, shard=args.shard,
         workers=args.workers,
         kv_cache=parse_options(args.kv_cache, args.kv_budgets, args.kv_gate_steps, args.kv_context),
         out=args.out, name=args.name, threads=args.threads, overwrite=args.overwrite,

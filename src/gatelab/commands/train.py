@@ -38,9 +38,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="e.g. gated_softmax.gate=headwise",
     )
     p.add_argument(
+        "--arch", default=None, choices=["llama", "gpt2"],
+        help="llama: RoPE, RMSNorm, SwiGLU (the default); gpt2: learned positions, LayerNorm, GELU MLP "
+        "(--positions / --norm / --mlp override it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--positions", default=None, choices=["rope", "learned", "none"],
+        help="rope (each mixer's own, default), learned (absolute embedding) or none (NoPE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--norm", default=None, choices=["rms", "layer"], help="rms (default) or layer (LayerNorm)"
+    )
+    p.add_argument(
         "--mlp",
-        default="swiglu",
-        help="every block's MLP: swiglu, or moe:<router> (gatelab list --family gate)",
+        default=None,
+        help="every block's MLP: swiglu (default), gelu, or moe:<router> (gatelab list --family gate)",
     )
     p.add_argument(
         "--mlp-option", action="append", default=[], metavar="NAME=VALUE",
@@ -88,7 +100,8 @@ def _pairs(items: list[str], flag: str) -> list[tuple[str, object]]:
 
 
 def run_spec(args: argparse.Namespace):
-    """The RunSpec an argument namespace describes."""
+    """The RunSpec an argument namespace describes (--arch, then --positions / --norm / --mlp over it)."""
+    from gatelab.lab.models.lm import DEFAULT_ARCH, architecture
     from gatelab.lab.spec import RunSpec
 
     task_options = dict(_pairs(args.task_option, "--task-option"))
@@ -106,10 +119,13 @@ def run_spec(args: argparse.Namespace):
         if not dot:
             raise ValueError(f"--mixer-option takes KEY.NAME=VALUE (KEY a mechanism or '*'), got {name!r}")
         mixer_options.setdefault(key, {})[option] = value
+    arch = architecture(args.arch) if args.arch is not None else DEFAULT_ARCH
+    given = {"positions": args.positions, "norm": args.norm, "mlp": args.mlp}
+    fields = {k: arch[k] if v is None else v for k, v in given.items()}
     return RunSpec(
         task=args.task, task_options=task_options, pattern=args.pattern, mixer_options=mixer_options,
         d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio,
-        mlp=args.mlp, mlp_options=dict(_pairs(args.mlp_option, "--mlp-option")),
+        **fields, mlp_options=dict(_pairs(args.mlp_option, "--mlp-option")),
         attention_gate=None if args.attention_gate is None else dict(_pairs(args.attention_gate, "--attention-gate")),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup=args.warmup if args.warmup is not None else min(100, args.steps // 10),

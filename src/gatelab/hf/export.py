@@ -41,14 +41,21 @@ def export_lm(lm: nn.Module, path: str | Path, *, overwrite: bool = False) -> Pa
     checkpoint (Qwen3 where the layers use QK-norm): config.json, model.safetensors, generation_config.json.
     ``AutoModelForCausalLM.from_pretrained(path)`` then gives lm's logits. A non-empty ``path`` is refused
     unless ``overwrite``. Returns the path."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
     if not (hasattr(lm, "blocks") and hasattr(lm, "embed") and hasattr(lm, "config")):
         raise TypeError(f"lm must be a gatelab lab LM (gatelab.lab.models.LM), got {type(lm).__name__}")
+    c = lm.config
+    for option, supported in (("positions", "rope"), ("norm", "rms"), ("mlp", "swiglu")):
+        value = getattr(c, option, supported)
+        if value != supported:  # GPT-2-style options: a Llama/Qwen3 checkpoint has no place for them
+            raise ValueError(
+                f"export_lm: LMConfig.{option}={value!r} has no Llama/Qwen3 equivalent; export supports "
+                f"{option}={supported!r} only"
+            )
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} is not empty; choose a new folder or pass overwrite=True")
-    c = lm.config
     if getattr(c, "attention_gate", None) is not None:
         raise ValueError(
             "export_lm: an LM with attention gates (KV-cache eviction) has no transformers equivalent"

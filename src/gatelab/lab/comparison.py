@@ -141,6 +141,8 @@ def run_entry(spec, setting: str | None = None, lr_sweep: bool = False) -> dict:
     a grid point), the task's name, the mixer, the seed, and the learning rate."""
     entry = {"mixer": spec.label, "task": setting or spec.task, "seed": spec.seed, "status": "ok"}
     entry.update(task_name=spec.task, lr=spec.lr, early_stop=spec.early_stop)
+    if not spec.vision:
+        entry["arch"] = {"positions": spec.positions, "norm": spec.norm, "mlp": spec.mlp}
     return entry
 
 
@@ -516,6 +518,7 @@ def compare(
     early_stop: float | None = None,
     shard: str | tuple[int, int] | None = None,
     workers: int | None = None,
+    arch: str | list | None = None,
     out: str | Path = "runs",
     name: str | None = None,
     threads: int | None = None,
@@ -527,7 +530,9 @@ def compare(
     ``seeds`` seeds from ``seed`` on, under ``preset`` (a name or a Preset; ``steps`` / ``batch_size`` /
     ``seeds`` override it on every task); write ``out/<name or preset name>/`` and return the results (as
     in its results.json). ``mlp``: MLP choices ("swiglu", "moe:<router>"; text or list) run with every
-    variant, e.g. "swiglu,moe:topk,moe:comet" (None: each variant's own, SwiGLU by default). ``kv_cache``: a
+    variant, e.g. "swiglu,moe:topk,moe:comet" (None: each variant's own, SwiGLU by default). ``arch``:
+    architectures (keys of lm.ARCHITECTURES, "gpt2,llama"; text or list) crossed with every variant after
+    ``mlp`` (an MLP other than SwiGLU stays; None: each variant's own). ``kv_cache``: a
     kv.rows.KVCacheOptions (see kv.rows.parse_options) or None;
     ``threads``: torch CPU threads for this process (None: torch's choice). The Zoology protocol: ``lrs``
     trains every run at each learning rate (text "1e-4,4.6e-4,2.2e-3,1e-2" or a list) and the table
@@ -546,8 +551,8 @@ def compare(
             raise ValueError("--workers splits the comparison into shards itself; drop --shard")
         return _compare_in_workers(
             workers, preset, mixers=mixers, tasks=tasks, seed=seed, seeds=seeds, steps=steps,
-            batch_size=batch_size, device=device, corpus=corpus, kv_cache=kv_cache, mlp=mlp, lrs=lrs,
-            early_stop=early_stop, out=out, name=name, overwrite=overwrite, command_line=command_line,
+            batch_size=batch_size, device=device, corpus=corpus, kv_cache=kv_cache, mlp=mlp, arch=arch,
+            lrs=lrs, early_stop=early_stop, out=out, name=name, overwrite=overwrite, command_line=command_line,
         )  # fmt: skip
     preset = get_preset(preset) if isinstance(preset, str) else preset
     preset = apply_overrides(
@@ -568,6 +573,9 @@ def compare(
         if mlp is not None:
             mlps = split_list(mlp, "--mlp") if isinstance(mlp, str) else list(mlp)
             chosen[task] = parse_variants([v.with_mlp(m) for v in chosen[task] for m in mlps])
+        if arch is not None:
+            archs = split_list(arch, "--arch") if isinstance(arch, str) else list(arch)
+            chosen[task] = parse_variants([v.with_arch(a) for v in chosen[task] for a in archs])
         if not chosen[task]:
             raise ValueError(f"no mixer to compare on {task}: none of the requested mechanisms is registered")
     device = resolve_device(device)

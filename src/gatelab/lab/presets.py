@@ -157,6 +157,8 @@ class Preset:
             "mixer_options": variant.mixer_options(base),
             "mlp": variant.mlp,
             "mlp_options": dict(variant.mlp_options),
+            "positions": variant.positions,
+            "norm": variant.norm,
             "warmup": min(budget.warmup, budget.steps - 1),
             "seed": seed,
             "device": device,
@@ -298,7 +300,14 @@ PRESETS: dict[str, Preset] = {
         seeds=3,
         mixers=("softmax", "gated_softmax", "clipped_softmax", "gated_heads"),
         task_overrides={
-            "text": {"steps": 1000, "eval_every": 250},
+            # the sink study: softmax and its G1 output gate in a Llama-style (RoPE, RMSNorm, SwiGLU) and a
+            # GPT-2-style LM (learned positions, LayerNorm, GELU), on documents with BOS
+            "text": {
+                "steps": 1000,
+                "eval_every": 250,
+                "mixers": ("softmax", "gated_softmax", "clipped_softmax", "gated_heads", "softmax[arch=gpt2]",
+                           "gated_softmax[arch=gpt2]"),
+            },  # fmt: skip
             "mqar": {
                 "n_layers": 2,
                 "steps": 1600,

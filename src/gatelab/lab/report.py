@@ -314,6 +314,19 @@ def write_report(run_dir: str | Path, results: dict) -> dict[str, Path]:
     return paths
 
 
+DEFAULT_ARCH = {"positions": "rope", "norm": "rms", "mlp": "swiglu"}  # lm.ARCHITECTURES["llama"]
+
+
+def arch_lines(results: dict, task: str) -> list[str]:
+    """A line under the task's table with each mixer row's architecture (positions / norm / mlp, the run
+    entries' "arch"), only when some run on ``task`` differs from the default; else none."""
+    archs = {r["mixer"]: r["arch"] for r in results["runs"] if r["task"] == task and r.get("arch")}
+    if all(a == DEFAULT_ARCH for a in archs.values()):
+        return []
+    shown = "; ".join(f"`{m}`: {a['positions']}/{a['norm']}/{a['mlp']}" for m, a in archs.items())
+    return [f"Architecture (positions/norm/mlp): {shown}", ""]
+
+
 def render_markdown(results: dict, plots: dict[str, Path]) -> str:
     config, env = results["config"], results["environment"]
     seeds = config["seeds"]
@@ -360,6 +373,7 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
                 "",
             ]
         lines += [markdown_table(header, rows), ""]
+        lines += arch_lines(results, task)
     lines += ["Columns: " + COLUMN_NOTES + " " + SWEEP_NOTES, ""]
     from .kv.rows import markdown_section
 

@@ -58,19 +58,34 @@ class Variant:
     """A mechanism with options under a name: the unit ``gatelab compare`` trains and tabulates.
 
     A bare key is named by the key (``softmax``); a variant with options by its text
-    (``gated_softmax[gate=headwise]``) unless given ``name=`` among its options."""
+    (``gated_softmax[gate=headwise]``) unless given ``name=`` among its options. The LM's architecture
+    options are options of the text too: ``arch=gpt2`` (positions, norm and MLP of lm.ARCHITECTURES),
+    ``positions=learned|none``, ``norm=layer``, ``mlp=gelu|moe:<router>``."""
 
     name: str
     key: str
     options: dict = field(default_factory=dict)  # make_mixer options of this key (on top of a preset's)
     mlp: str = "swiglu"  # LMConfig.mlp: "swiglu" or "moe:<router>" (option mlp=... in the variant's text)
     mlp_options: dict = field(default_factory=dict)  # LMConfig.mlp_options (options mlp.NAME=... in the text)
+    positions: str = "rope"  # LMConfig.positions: "rope", "learned" or "none"
+    norm: str = "rms"  # LMConfig.norm: "rms" or "layer"
 
     def __post_init__(self):  # the key is checked against the registry where the variant is used
+        from gatelab.lab.models.lm import NORMS, POSITIONS
+
         if not isinstance(self.options, dict) or not isinstance(self.mlp_options, dict):
             raise TypeError(f"variant {self.name!r}: options must be a dict, got {self.options!r}")
         if not isinstance(self.name, str) or not self.name or re.search(r"[\s/]", self.name):
             raise ValueError(f"variant name must be non-empty text without spaces or '/', got {self.name!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"variant {self.name!r}: positions must be one of {', '.join(POSITIONS)}, "
+                f"got {self.positions!r}"
+            )
+        if self.norm not in NORMS:
+            raise ValueError(
+                f"variant {self.name!r}: norm must be one of {', '.join(NORMS)}, got {self.norm!r}"
+            )
 
     @classmethod
     def of(
@@ -78,26 +93,63 @@ class Variant:
         key: str,
         options: dict | None = None,
         name: str | None = None,
-        mlp: str = "swiglu",
+        mlp: str | None = None,
         mlp_options: dict | None = None,
+        positions: str | None = None,
+        norm: str | None = None,
+        arch: str | None = None,
     ) -> Variant:
-        """The variant of ``key`` with ``options`` (and an MLP other than SwiGLU), named ``name`` or by its
-        text."""
+        """The variant of ``key`` with ``options`` (and an architecture other than the default: ``arch`` a
+        key of lm.ARCHITECTURES, ``mlp`` / ``positions`` / ``norm`` on top of it; None: the arch's, or
+        the default), named ``name`` or by its text."""
+        from gatelab.lab.models.lm import DEFAULT_ARCH, architecture
+
         options, mlp_options = dict(options or {}), dict(mlp_options or {})
-        shown = {**options, **({"mlp": mlp} if mlp != "swiglu" else {})}
+        base = architecture(arch) if arch is not None else DEFAULT_ARCH
+        given = {"mlp": mlp, "positions": positions, "norm": norm}
+        fields = {k: base[k] if v is None else v for k, v in given.items()}
+        shown = {**options, **({"arch": arch} if arch is not None else {})}
+        shown.update({k: v for k, v in given.items() if v is not None and v != base[k] and k == "mlp"})
         shown.update({f"mlp.{k}": v for k, v in mlp_options.items()})
+        shown.update({k: v for k, v in given.items() if v is not None and v != base[k] and k != "mlp"})
         text = ",".join(f"{k}={_text(v)}" for k, v in shown.items())
-        return cls(name or (f"{key}[{text}]" if shown else key), key, options, mlp, mlp_options)
+        return cls(
+            name or (f"{key}[{text}]" if shown else key), key, options, mlp_options=mlp_options, **fields
+        )
+
+    @property
+    def arch(self) -> dict[str, str]:
+        """This variant's architecture: {"positions", "norm", "mlp"} (the LMConfig fields)."""
+        return {"positions": self.positions, "norm": self.norm, "mlp": self.mlp}
 
     def with_mlp(self, mlp: str) -> Variant:
         """This variant with ``mlp`` (``gatelab compare --mlp``): named by its text, or ``<name>+<mlp>``
         when it was given a name."""
         if self.mlp != "swiglu" or self.mlp_options:
             raise ValueError(f"--mlp: variant {self.name!r} already chooses its MLP ({self.mlp})")
+        if self.positions != "rope" or self.norm != "rms":
+            raise ValueError(f"--mlp: variant {self.name!r} chooses its architecture ({self.arch}); "
+                             "give --mlp before --arch")  # fmt: skip
         if mlp == "swiglu":
             return self
         named = self.name != Variant.of(self.key, self.options).name
         return Variant.of(self.key, self.options, f"{self.name}+{mlp}" if named else None, mlp)
+
+    def with_arch(self, arch: str) -> Variant:
+        """This variant with the architecture ``arch`` (a key of lm.ARCHITECTURES; ``gatelab compare
+        --arch``): named by its text, or ``<name>+<arch>`` when it was given a name. An MLP other than
+        SwiGLU that the variant chose (or --mlp) stays; positions or a norm it chose are an error."""
+        from gatelab.lab.models.lm import DEFAULT_ARCH, architecture
+
+        fields = architecture(arch)  # checks the name
+        if self.positions != "rope" or self.norm != "rms":
+            raise ValueError(f"--arch: variant {self.name!r} already chooses its architecture ({self.arch})")
+        if fields == DEFAULT_ARCH:
+            return self
+        mlp = None if self.mlp == "swiglu" else self.mlp
+        plain = Variant.of(self.key, self.options, mlp=mlp, mlp_options=self.mlp_options)
+        name = f"{self.name}+{arch}" if self.name != plain.name else None
+        return Variant.of(self.key, self.options, name, mlp, self.mlp_options, arch=arch)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -123,9 +175,16 @@ class Variant:
             raise ValueError(
                 f"--mixers: variant {text!r}: name= takes letters, digits and _.+-, got {name!r}"
             )
-        mlp = options.pop("mlp", "swiglu")
+        fields = {k: options.pop(k, None) for k in ("mlp", "positions", "norm", "arch")}
         mlp_options = {k[4:]: options.pop(k) for k in [k for k in options if k.startswith("mlp.")]}
-        return cls.of(key.strip(), options, name, mlp, mlp_options)
+        from gatelab.lab.models.lm import ARCHITECTURES
+
+        if fields["arch"] is not None and fields["arch"] not in ARCHITECTURES:
+            raise ValueError(
+                f"--mixers: variant {text!r}: arch must be one of {', '.join(ARCHITECTURES)}, "
+                f"got {fields['arch']!r}"
+            )
+        return cls.of(key.strip(), options, name, mlp_options=mlp_options, **fields)
 
     @property
     def slug(self) -> str:
@@ -141,6 +200,10 @@ class Variant:
         out = {"key": self.key, "options": dict(self.options)}
         if self.mlp != "swiglu" or self.mlp_options:
             out.update(mlp=self.mlp, mlp_options=dict(self.mlp_options))
+        if self.positions != "rope":
+            out["positions"] = self.positions
+        if self.norm != "rms":
+            out["norm"] = self.norm
         return out
 
 
@@ -185,8 +248,10 @@ class RunSpec:
     n_heads: int = 4
     mlp_ratio: float = 4.0
     attention_gate: dict | None = None  # LMConfig.attention_gate
-    mlp: str = "swiglu"  # LMConfig.mlp: "swiglu" or "moe:<router>"
+    mlp: str = "swiglu"  # LMConfig.mlp: "swiglu", "gelu" or "moe:<router>"
     mlp_options: dict = field(default_factory=dict)  # LMConfig.mlp_options
+    positions: str = "rope"  # LMConfig.positions: "rope", "learned" or "none"
+    norm: str = "rms"  # LMConfig.norm: "rms" or "layer"
     max_seq_len: int | None = None  # None: the task's sequence length
     steps: int = 1000
     batch_size: int = 32
@@ -227,6 +292,9 @@ class RunSpec:
                 raise ValueError(
                     f"{self.label}: attention_gate (KV-cache eviction) is for the LM, not {self.task}"
                 )
+            if self.positions != "rope" or self.norm != "rms":
+                raise ValueError(f"{self.label}: positions / norm are options of the LM, not of {self.task} "
+                                 f"(got positions={self.positions!r}, norm={self.norm!r})")  # fmt: skip
             segment = _tasks()[self.task].segment  # a class attribute: no data is loaded here
             self.vision_config(segment=segment, n_classes=2, image_size=8)  # the block and its options
             self.train_config()
@@ -291,10 +359,11 @@ class RunSpec:
         return self.name or self.pattern
 
     def check_mlp(self) -> None:
-        """The MLP choice and its options, checked as the LM will (the error names the run)."""
+        """The MLP choice and its options, positions and norm, checked as the LM will (the error names the
+        run)."""
         from gatelab.lab.models.lm import LMConfig
 
-        sizes = ("d_model", "n_layers", "n_heads", "mlp_ratio", "pattern")
+        sizes = ("d_model", "n_layers", "n_heads", "mlp_ratio", "pattern", "positions", "norm")
         try:
             LMConfig(**{k: getattr(self, k) for k in sizes}, mlp=self.mlp, mlp_options=self.mlp_options)
         except (TypeError, ValueError) as error:
@@ -350,6 +419,9 @@ def check_mixer_options(key: str, spec: RunSpec, label: str, given: dict | None 
     if {"layer_idx", "n_layers"} <= names:  # depth-dependent mixers get them from the LM's Block too
         options = {"layer_idx": 0, "n_layers": spec.n_layers, **options}
     try:
+        from gatelab.lab.models.lm import mixer_rope_options
+
+        options = mixer_rope_options(key, options, getattr(spec, "positions", "rope"))  # as the LM's Block
         mechanism.config_cls(d_model=spec.d_model, n_heads=spec.n_heads, **options)
     except TypeError as error:
         valid = ", ".join(sorted(names - {"d_model", "n_heads", "layer_idx", "n_layers"}))

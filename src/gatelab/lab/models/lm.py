@@ -1,6 +1,10 @@
 """One decoder LM for any layer pattern: token embedding, pre-norm blocks (RMSNorm) with a mixer per
 layer and a SwiGLU MLP (or an MoE of SwiGLU experts, gatelab.gates.moe), tied output head (Language Models are Unsupervised Multitask Learners,
-Radford et al., 2019, for the init; GLU Variants Improve Transformer, Shazeer, 2020, for the MLP)."""
+Radford et al., 2019, for the init; GLU Variants Improve Transformer, Shazeer, 2020, for the MLP).
+
+The architecture options (``LMConfig.positions``, ``norm``, ``mlp``) turn it into a GPT-2-style decoder
+(learned absolute positions, LayerNorm, GELU MLP; ``ARCHITECTURES["gpt2"]``) or keep the Llama-style
+default."""
 
 from __future__ import annotations
 
@@ -18,6 +22,35 @@ import torch.nn.functional as F
 from gatelab.registry import get, make_mixer
 
 INIT_STD = 0.02
+POSITIONS = ("rope", "learned", "none")  # each mixer's own (RoPE) | a learned absolute embedding | NoPE
+NORMS = ("rms", "layer")  # nn.RMSNorm (eps 1e-6) | nn.LayerNorm (eps 1e-5, with bias)
+DENSE_MLPS = ("swiglu", "gelu")
+# named architectures: the LMConfig fields they set
+ARCHITECTURES: dict[str, dict[str, str]] = {
+    "llama": {"positions": "rope", "norm": "rms", "mlp": "swiglu"},
+    "gpt2": {"positions": "learned", "norm": "layer", "mlp": "gelu"},
+}
+DEFAULT_ARCH = ARCHITECTURES["llama"]
+
+
+def architecture(name: str) -> dict[str, str]:
+    """The LMConfig fields (positions, norm, mlp) of the named architecture (a key of ARCHITECTURES)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {name!r}")
+    return dict(ARCHITECTURES[name])
+
+
+def mixer_rope_options(key: str, options: dict, positions: str) -> dict:
+    """``options`` of mixer ``key`` under ``positions``: with "learned" or "none" a mixer whose config has a
+    ``rope`` field gets rope=False (an explicit rope=True is an error); with "rope" they are unchanged."""
+    if positions == "rope" or "rope" not in {f.name for f in dataclasses.fields(get(key).config_cls)}:
+        return options
+    if options.get("rope", False) is not False:
+        raise ValueError(
+            f"mixer {key!r} option rope={options['rope']!r} conflicts with positions={positions!r}: "
+            "RoPE is only used with positions='rope'"
+        )
+    return {**options, "rope": False}
 
 
 def parse_pattern(pattern: str, n_layers: int) -> list[str]:
@@ -74,8 +107,13 @@ class LMConfig:
     # the MLP of every block: "swiglu" (dense) or "moe:<router>" (gatelab.gates.moe: E small SwiGLU experts
     # behind a registered router); mlp_options of an MoE: n_experts (4), expert_hidden (default: the dense
     # MLP's hidden / 2, so two experts cost one dense MLP), path ("sparse" | "dense"), the rest the router's
+    # "gelu": a GPT-2 MLP, Linear(d, int(mlp_ratio * d)) -> GELU (tanh) -> Linear back
     mlp: str = "swiglu"
     mlp_options: dict = field(default_factory=dict)
+    # where positions come from: "rope" (each mixer's own: RoPE in softmax-family attention), "learned" (an
+    # absolute embedding added to the tokens, RoPE off) or "none" (NoPE, RoPE off)
+    positions: str = "rope"
+    norm: str = "rms"  # every block norm and the final one: "rms" (RMSNorm) or "layer" (LayerNorm)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -101,22 +139,31 @@ class LMConfig:
             raise TypeError(
                 f"attention_gate must be a dict of gate options or None, got {self.attention_gate!r}"
             )
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         self.moe_router()  # validates mlp and mlp_options
+        for key in dict.fromkeys(self.layer_keys()):  # an explicit rope=True against positions
+            mixer_rope_options(key, {**self.mixer_options.get("*", {}), **self.mixer_options.get(key, {})},
+                               self.positions)  # fmt: skip
 
     def moe_router(self) -> str | None:
-        """The router key of an ``"moe:<router>"`` MLP, None for ``"swiglu"``; checks mlp and its options."""
+        """The router key of an ``"moe:<router>"`` MLP, None for a dense one ("swiglu", "gelu"); checks mlp
+        and its options."""
         if not isinstance(self.mlp_options, dict):
             raise TypeError(f"mlp_options must be a dict, got {self.mlp_options!r}")
-        if self.mlp == "swiglu":
+        if self.mlp in DENSE_MLPS:
             if self.mlp_options:
-                raise ValueError(f"mlp_options {self.mlp_options} apply to an MoE MLP; mlp is 'swiglu'")
+                raise ValueError(f"mlp_options {self.mlp_options} apply to an MoE MLP; mlp is {self.mlp!r}")
             return None
         from gatelab.gates.moe import router_keys
 
         prefix, colon, router = self.mlp.partition(":") if isinstance(self.mlp, str) else ("", "", "")
         if prefix != "moe" or not colon or router not in router_keys():
             raise ValueError(
-                f"mlp must be 'swiglu' or 'moe:<router>' with a router among {', '.join(router_keys())}; "
+                f"mlp must be 'swiglu', 'gelu' or 'moe:<router>' with a router among "
+                f"{', '.join(router_keys())}; "
                 f"got {self.mlp!r}"
             )
         from gatelab.gates.moe.mlp import check_sizes
@@ -144,6 +191,10 @@ class LMConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        """The dense MLP's hidden width: int(mlp_ratio * d_model) for GELU; 2/3 of it for SwiGLU (rounded
+        up to 8; an MoE's experts are sized from it)."""
+        if self.mlp == "gelu":
+            return int(self.mlp_ratio * self.d_model)
         hidden = int(2 * self.mlp_ratio * self.d_model / 3)
         return max(8, -(-hidden // 8) * 8)
 
@@ -166,21 +217,51 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: (..., d_model) -> Linear(d, hidden) -> GELU (tanh approximation) -> Linear(hidden, d)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(d_model, hidden, bias=False)
+        self.proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+def make_norm(config: LMConfig) -> nn.Module:
+    """The norm ``config.norm`` names over d_model."""
+    if config.norm == "layer":
+        return nn.LayerNorm(config.d_model, eps=1e-5)
+    return nn.RMSNorm(config.d_model, eps=1e-6)
+
+
+class LMStates(list):
+    """The per-layer states LM.forward returns; ``position``: tokens seen so far (the next token's index)."""
+
+    def __init__(self, states=(), position: int = 0):
+        super().__init__(states)
+        self.position = position
+
+
 class Block(nn.Module):
     """x + mixer(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, key: str, config: LMConfig, layer_idx: int = 0):
         super().__init__()
         options = {**config.mixer_options.get("*", {}), **config.mixer_options.get(key, {})}
+        options = mixer_rope_options(key, options, config.positions)
         names = {f.name for f in dataclasses.fields(get(key).config_cls)}
         if {"layer_idx", "n_layers"} <= names:  # depth-dependent mixers (Lightning's decay schedule)
             options = {"layer_idx": layer_idx, "n_layers": config.n_layers, **options}
         self.key = key
-        self.mixer_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.mixer_norm = make_norm(config)
         self.mixer = make_mixer(key, d_model=config.d_model, n_heads=config.n_heads, **options)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.mlp_norm = make_norm(config)
         router = config.moe_router()
-        if router is None:
+        if config.mlp == "gelu":
+            self.mlp = GeluMLP(config.d_model, config.mlp_hidden)
+        elif router is None:
             self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
         else:
             from gatelab.gates.moe import MoEMLP
@@ -211,13 +292,15 @@ class LM(nn.Module):
                 torch.manual_seed(config.seed)
             self.embed = nn.Embedding(config.vocab_size, config.d_model)
             self.blocks = nn.ModuleList(Block(key, config, i) for i, key in enumerate(self.layer_keys))
-            self.norm = nn.RMSNorm(config.d_model, eps=1e-6)
+            self.norm = make_norm(config)
             if config.tie_embeddings:  # one Parameter: the head is a Linear like any other (W8A8 sees it)
                 # skip_init draws no random numbers: seeded inits stay what they were with a plain F.linear
                 self.head = torch.nn.utils.skip_init(nn.Linear, config.d_model, config.vocab_size, bias=False)
                 self.head.weight = self.embed.weight
             else:
                 self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            if config.positions == "learned":  # made last: the default model's seeded init is unchanged
+                self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
             self.reset_parameters()
             if config.attention_gate is not None:
                 self._add_attention_gates(config.attention_gate)
@@ -244,19 +327,27 @@ class LM(nn.Module):
             if isinstance(block.mlp, SwiGLU):
                 nn.init.normal_(block.mlp.gate_up.weight, std=INIT_STD)
                 nn.init.normal_(block.mlp.down.weight, std=INIT_STD / math.sqrt(2 * L))
+            elif isinstance(block.mlp, GeluMLP):
+                nn.init.normal_(block.mlp.fc.weight, std=INIT_STD)
+                nn.init.normal_(block.mlp.proj.weight, std=INIT_STD / math.sqrt(2 * L))
             else:  # an MoE MLP: its experts as the MLP, its router keeps its own init
                 block.mlp.reset_parameters(std=INIT_STD, n_layers=L)
             if hasattr(block.mixer, "reset_parameters"):
                 block.mixer.reset_parameters(std=INIT_STD, n_layers=L)
+        if hasattr(self, "pos_embed"):
+            nn.init.normal_(self.pos_embed.weight, std=INIT_STD)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
     def forward(self, idx: torch.Tensor, states: list | None = None, *, return_internals: bool = False):
-        """idx (B, T) long token ids -> logits (B, T, vocab) fp32-or-autocast dtype, states (one per layer).
+        """idx (B, T) long token ids -> logits (B, T, vocab) fp32-or-autocast dtype, states (an LMStates:
+        one per layer, ``position`` the tokens seen so far).
 
-        ``states`` continues a sequence (decoding). With ``return_internals=True`` a third value:
+        ``states`` continues a sequence (decoding) from the position it records (a plain list of the
+        layers' states counts as position 0; with learned positions it must be the LMStates forward
+        returned). With ``return_internals=True`` a third value:
         {"hidden": [h_0 .. h_L] (B, T, d_model) residual stream after the embedding and each block,
          "block_out": per block its contribution to the stream (mixer + MLP) (B, T, d_model),
          "mixers": per layer the mixer's internals dict}.
@@ -264,16 +355,32 @@ class LM(nn.Module):
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.ndim != 2:
             got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"idx must be a (B, T) long tensor, got {got}")
-        if idx.shape[1] == 0 or idx.shape[1] > self.config.max_seq_len:
-            raise ValueError(
-                f"idx length must be in [1, max_seq_len={self.config.max_seq_len}], got {idx.shape[1]}"
-            )
+        T = idx.shape[1]
+        if T == 0 or T > self.config.max_seq_len:
+            raise ValueError(f"idx length must be in [1, max_seq_len={self.config.max_seq_len}], got {T}")
         if states is None:
-            states = [None] * len(self.blocks)
+            states, offset = [None] * len(self.blocks), 0
         elif not isinstance(states, list | tuple) or len(states) != len(self.blocks):
             raise ValueError(f"states must be the list of {len(self.blocks)} states forward returned")
+        elif isinstance(states, LMStates):
+            offset = states.position
+        elif self.config.positions == "learned":
+            raise ValueError(
+                "states must be the LMStates forward returned (it records the position) with "
+                f"positions='learned', got a {type(states).__name__}"
+            )
+        else:
+            offset = 0
         x = self.embed(idx)  # (B, T, d_model)
-        hidden, block_out, mixers, new_states = [x], [], [], []
+        # rope / none decode past max_seq_len (--kv-context); a learned embedding has max_seq_len rows
+        if self.config.positions == "learned":
+            if offset + T > self.config.max_seq_len:
+                raise ValueError(
+                    f"{offset} tokens seen + {T} new exceed max_seq_len ({self.config.max_seq_len}), the "
+                    "rows of the learned position embedding"
+                )
+            x = x + self.pos_embed(torch.arange(offset, offset + T, device=idx.device))
+        hidden, block_out, mixers, new_states = [x], [], [], LMStates(position=offset + T)
         for block, state in zip(self.blocks, states):
             x, state, out, internals = block(x, state, return_internals)
             new_states.append(state)
