@@ -80,12 +80,13 @@ def test_quick_preset_spec_builds_what_compare_built():
     assert spec.pattern == "gated_softmax" and spec.name == "gated_softmax[gate=headwise]"
     assert dataclasses.asdict(spec.train_config(overwrite=True)) == dataclasses.asdict(
         TrainConfig(
-            steps=300,
+            steps=400,
             batch_size=64,
             lr=1e-3,
             min_lr_ratio=1.0,
             warmup=30,
-            eval_every=100,
+            eval_every=50,
+            early_stop=0.99,
             eval_batches=2,
             eval_batch_size=32,
             seed=0,

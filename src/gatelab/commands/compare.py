@@ -55,7 +55,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None,
         help="split the runs over this many processes of one CPU thread each and merge their reports "
-        "(default: the preset's: 2 for default and zoology_cpu, else 1)",
+        "(default: the preset's: 2 for default, reproduce and zoology_cpu, else 1)",
     )  # fmt: skip
     parser.add_argument(
         "--shard", default=None, metavar="K/N",

@@ -298,6 +298,7 @@ PRESETS: dict[str, Preset] = {
         diag_batches=4,
         diag_batch_size=16,
         seeds=3,
+        workers=2,
         mixers=("softmax", "gated_softmax", "clipped_softmax", "gated_heads"),
         task_overrides={
             # the sink study: softmax and its G1 output gate in a Llama-style (RoPE, RMSNorm, SwiGLU) and a
@@ -305,8 +306,14 @@ PRESETS: dict[str, Preset] = {
             "text": {
                 "steps": 1000,
                 "eval_every": 250,
-                "mixers": ("softmax", "gated_softmax", "clipped_softmax", "gated_heads", "softmax[arch=gpt2]",
-                           "gated_softmax[arch=gpt2]"),
+                "mixers": (
+                    "softmax",
+                    "gated_softmax",
+                    "clipped_softmax",
+                    "gated_heads",
+                    "softmax[arch=gpt2]",
+                    "gated_softmax[arch=gpt2]",
+                ),
             },  # fmt: skip
             "mqar": {
                 "n_layers": 2,
