@@ -218,7 +218,9 @@ def test_a_mixer_that_solves_skips_its_later_learning_rates(tmp_path, monkeypatc
         ("gla", 1e-3, "ok"),
         ("gla", 3e-3, "ok"),
     ]
-    assert results["aggregate"]["mqar"]["softmax"]["solved"]["mean"] == 1.0
+    softmax = results["aggregate"]["mqar"]["softmax"]
+    assert softmax["solved"]["mean"] == 1.0 and softmax["best_lr"]["mean"] == 1e-3  # the lr that solved
+    assert softmax["lr_range"]["min"] == softmax["lr_range"]["max"] == 1.0
 
 
 def test_workers_split_the_runs_and_merge_one_report(tmp_path):
@@ -230,5 +232,8 @@ def test_workers_split_the_runs_and_merge_one_report(tmp_path):
     ).is_file()
     for run in results["runs"]:  # the merged folder finds every model
         assert (tmp_path / "w" / run["model_dir"] / "model.safetensors").is_file()
+    from gatelab.lab.inspect import find_model_dirs
+
+    assert len(find_model_dirs(tmp_path / "w")) == 4  # gatelab inspect of the run sees its shards' models
     with pytest.raises(ValueError, match="drop --shard"):
         compare("quick", workers=2, shard="1/2", out=tmp_path)

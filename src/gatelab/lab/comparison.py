@@ -427,8 +427,8 @@ def run_compare(
                 acc = f", accuracy {final['accuracy']:.3f}" if "accuracy" in final else ""
                 acc += f", Dice {final['dice']:.3f}" if "dice" in final else ""
                 acc += f" (stopped at step {entry['steps']})" if entry.get("stopped_early") else ""
-                if entry.get("stopped_early"):
-                    solved.add(run.group)
+                if spec.early_stop is not None and final.get("accuracy", 0.0) >= spec.early_stop:
+                    solved.add(run.group)  # stopped early, or reached it at the last step's evaluation
                 console.print(
                     f"{what}: loss {final.get('loss', float('nan')):.3f}{acc}, "
                     f"{entry['tokens_per_s']:,.0f} tokens/s, {entry['wall_s']:.1f} s" + _kv_summary(entry)

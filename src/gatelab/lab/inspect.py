@@ -16,7 +16,7 @@ PATH_OPTIONS = {"text": ("corpus",)}  # per task, the options that name a file o
 
 def find_model_dirs(path: str | Path, pattern: str = "*") -> list[Path]:
     """Model folders under ``path``: itself if it holds config.json + model.safetensors, else those in
-    ``path/models/`` (a compare run) or ``path/`` whose names match ``pattern`` (a glob of folder names:
+    ``path/models/`` (a compare run) and ``path/shards/*/models/`` (its --workers' shards), or ``path/`` whose names match ``pattern`` (a glob of folder names:
     no separators, no ``..``); a clear error when there are none."""
     path = Path(path)
     if not isinstance(pattern, str) or not pattern or "/" in pattern or "\\" in pattern or ".." in pattern:
@@ -29,10 +29,12 @@ def find_model_dirs(path: str | Path, pattern: str = "*") -> list[Path]:
 
     if is_model(path):
         return [path]
-    for parent in (path / "models", path):
-        found = (
-            sorted(p for p in parent.glob(pattern) if p.is_dir() and is_model(p)) if parent.is_dir() else []
-        )
+    shards = sorted(p / "models" for p in (path / "shards").glob("*")) if (path / "shards").is_dir() else []
+    for parents in ([path / "models", *shards], [path]):  # a run (its workers' shards too), or a folder
+        found = [
+            p for parent in parents if parent.is_dir() for p in sorted(parent.glob(pattern))
+            if p.is_dir() and is_model(p)
+        ]  # fmt: skip
         if found:
             return found
     raise FileNotFoundError(

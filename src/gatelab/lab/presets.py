@@ -266,7 +266,8 @@ PRESETS: dict[str, Preset] = {
                 "warmup": 30,
                 "min_lr_ratio": 1.0,
                 "eval_every": 50,
-            }
+            },
+            "idle": {"steps": 50},  # a first look only: its outliers need the reproduce preset's 2000 steps
         },
         workers=2,
     ),

@@ -149,7 +149,10 @@ def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
     of seeds whose accuracy reached the threshold) and "steps" (steps trained)."""
     grouped: dict[str, dict[str, dict[float | None, list[dict]]]] = {}
     names: dict[str, str] = {}
+    swept: dict[tuple, set] = {}  # (task, mixer) -> learning rates run or skipped (solved at an earlier one)
     for run in runs:
+        if run.get("status") in ("ok", "skipped"):
+            swept.setdefault((run["task"], run["mixer"]), set()).add(run.get("lr"))
         if run.get("status") == "ok":
             by_lr = grouped.setdefault(run["task"], {}).setdefault(run["mixer"], {})
             by_lr.setdefault(run.get("lr"), []).append(run_metrics(run))
@@ -171,7 +174,7 @@ def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
 
             best = max(stats, key=rank)
             out[task][mixer] = dict(stats[best])
-            if len(stats) > 1:
+            if len(swept[(task, mixer)]) > 1:
                 values = [v for v in scores.values() if v is not None]
                 n = stats[best].get(metric, {}).get("n", 0)
                 out[task][mixer]["best_lr"] = {"mean": best, "std": None, "n": 1}
@@ -344,8 +347,10 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
     ]
     variants = {n: v for n, v in (config.get("variants") or {}).items() if v["options"] or n != v["key"]}
     if variants:  # what each named variant is (a bare key is its own description)
+        lm = ("mlp", "positions", "norm")  # the LM's options a variant may set beside its mixer's
         lines += ["Variants: " + "; ".join(
-            f"`{n}` = `{v['key']}` with " + (", ".join(f"{k}={json.dumps(o)}" for k, o in v["options"].items())
+            f"`{n}` = `{v['key']}` with " + (", ".join(f"{k}={json.dumps(o)}" for k, o in
+                                                       [*v["options"].items(), *((k, v[k]) for k in lm if k in v)])
                                               or "its defaults")
             for n, v in variants.items()), ""]  # fmt: skip
     skipped = results.get("skipped_mixers") or {}
