@@ -1,5 +1,6 @@
 """Helpers several test files share; tests/ is on sys.path because it holds the root conftest.py.
 
+The trainer: a tiny MQAR task (``MQAR_TINY``), LM (``tiny_lm``) and TrainConfig (``train_config``).
 Linear attention: ``detached`` inputs, the chunk-against-reference check of gla and lightning. Sparse
 softmax attention (hip, psa): inputs, shapes and the checks against dense attention and against the
 reference backend. Triton: the device, and importing
@@ -168,3 +169,28 @@ def check_lm_decodes_like_the_full_pass(model, idx: torch.Tensor, prefix: int, n
             logits, states = model(idx[:, t : t + 1], states)
             steps.append(logits)
     assert_close(f"{name} LM decode", torch.cat(steps, dim=1), full, torch.float32)
+
+
+MQAR_TINY = {"vocab_size": 40, "seq_len": 16, "num_kv_pairs": 2}  # make_task("mqar", **MQAR_TINY)
+
+
+def tiny_lm(seed=0):
+    """A 2-layer d=16 softmax LM for MQAR_TINY."""
+    from gatelab.lab.models.lm import LM, LMConfig
+
+    return LM(LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, seed=seed))
+
+
+def train_config(out=None, **overrides):
+    """A TrainConfig of 6 steps of batch 8, evaluated every 3 steps on one batch, no progress bar."""
+    from gatelab.lab.train import TrainConfig
+
+    options = {
+        "steps": 6,
+        "batch_size": 8,
+        "warmup": 2,
+        "eval_every": 3,
+        "eval_batches": 1,
+        "progress": False,
+    }
+    return TrainConfig(out_dir=None if out is None else str(out), **{**options, **overrides})

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import MQAR_TINY, tiny_lm, train_config
 from safetensors.torch import load_file
 
 from gatelab.cli import main
@@ -17,23 +18,8 @@ from gatelab.lab.tasks import make_task
 from gatelab.lab.train import TrainConfig, lr_at, param_groups, train
 from gatelab.testing import assert_close
 
-TASK = {"vocab_size": 40, "seq_len": 16, "num_kv_pairs": 2}
-
-
-def tiny(seed=0) -> LM:
-    return LM(LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, seed=seed))
-
-
-def config(out=None, **overrides) -> TrainConfig:
-    options = {
-        "steps": 6,
-        "batch_size": 8,
-        "warmup": 2,
-        "eval_every": 3,
-        "eval_batches": 1,
-        "progress": False,
-    }
-    return TrainConfig(out_dir=None if out is None else str(out), **{**options, **overrides})
+TASK = MQAR_TINY
+tiny, config = tiny_lm, train_config
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -2,36 +2,23 @@
 rate (with the spread), early stopping at an accuracy, grid presets (one table per point, the summary and
 the accuracy-vs-d plot), shards merged into one report."""
 
+import functools
 import json
 
 import pytest
+from helpers import MQAR_TINY, tiny_lm, train_config
 
 from gatelab.cli import main
 from gatelab.lab.comparison import apply_overrides, compare, parse_shard
-from gatelab.lab.models.lm import LM, LMConfig
 from gatelab.lab.presets import PRESETS, Preset
 from gatelab.lab.report import aggregate, merge_results, sweep_table, table_rows
 from gatelab.lab.tasks import make_task
-from gatelab.lab.train import TrainConfig, train
+from gatelab.lab.train import train
 from gatelab.lab.train.config import run_spec
 
-TASK = {"vocab_size": 40, "seq_len": 16, "num_kv_pairs": 2}
-
-
-def tiny() -> LM:
-    return LM(LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, seed=0))
-
-
-def config(out=None, **overrides) -> TrainConfig:
-    options = {
-        "steps": 12,
-        "batch_size": 8,
-        "warmup": 2,
-        "eval_every": 3,
-        "eval_batches": 1,
-        "progress": False,
-    }
-    return TrainConfig(out_dir=None if out is None else str(out), **{**options, **overrides})
+TASK = MQAR_TINY
+tiny = tiny_lm
+config = functools.partial(train_config, steps=12)
 
 
 class Scripted:

@@ -185,12 +185,6 @@ def aggregate(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, dict]]]:
     return out
 
 
-def best_lr(results: dict, task: str, mixer: str):
-    """The learning rate the table reports for ``mixer`` on ``task`` (None: the runs swept none)."""
-    stats = (results.get("aggregate") or aggregate(results["runs"])).get(task, {}).get(mixer, {})
-    return (stats.get("best_lr") or {}).get("mean")
-
-
 def table_rows(results: dict, task: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per mixer, in the comparison's order) of the table of one task."""
     agg = results["aggregate"].get(task, {})
